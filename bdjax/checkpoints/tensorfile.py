@@ -1,0 +1,108 @@
+"""Read and write single safetensors files, one tensor at a time.
+
+Written here rather than through `safetensors.numpy` so that bfloat16 and float8 tensors load
+into numpy (via ml_dtypes), reads are zero-copy views of a memory map (a checkpoint is never
+read whole), and a truncated or inconsistent file is reported as such before any tensor is used.
+The format: 8-byte little-endian header length, a JSON header {name: {dtype, shape,
+data_offsets}}, then the raw bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from bdjax.errors import CheckpointError
+
+_DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+_MAX_HEADER = 100 * 2**20
+
+
+class TensorFile:
+    """A parsed safetensors file; `tensor(name)` returns a read-only view into the memory map."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                raw_len = f.read(8)
+                n = int.from_bytes(raw_len, "little") if len(raw_len) == 8 else -1
+                if n < 0 or n > _MAX_HEADER or 8 + n > size:
+                    raise CheckpointError(f"{self.path} is truncated or not a safetensors file "
+                                          f"(header length {n}, file size {size})")
+                header = json.loads(f.read(n))
+        except OSError as e:
+            raise CheckpointError(f"cannot read {self.path}: {e.strerror}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{self.path} has a corrupt safetensors header") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path} has a corrupt safetensors header")
+        self.metadata = header.pop("__metadata__", None) or {}
+        self._start = 8 + n
+        data_len = size - self._start
+        self.entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+        for name, info in header.items():
+            try:
+                dtype = _DTYPES[info["dtype"]]
+                shape = tuple(int(d) for d in info["shape"])
+                begin, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{self.path}: tensor {name!r} has an unsupported or corrupt header "
+                                      f"entry {info!r}") from None
+            if end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
+                raise CheckpointError(f"{self.path}: tensor {name!r} has {end - begin} bytes for shape {shape}")
+            if end > data_len:
+                raise CheckpointError(f"{self.path} is truncated: tensor {name!r} ends at byte {end} of the data "
+                                      f"section, which holds only {data_len} bytes")
+            self.entries[name] = (dtype, shape, begin, end)
+        self._map = np.memmap(self.path, dtype=np.uint8, mode="r") if size > self._start else None
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def tensor(self, name: str) -> np.ndarray:
+        dtype, shape, begin, end = self.entries[name]
+        if begin == end:
+            return np.zeros(shape, dtype)
+        return self._map[self._start + begin:self._start + end].view(dtype).reshape(shape)
+
+
+def write_file(path: str | Path, tensors: Iterable[tuple[str, np.ndarray]], metadata: dict[str, str] | None = None,
+               ) -> None:
+    """Write (name, array) pairs to one safetensors file, copying one tensor at a time."""
+    items = list(tensors)
+    header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    offset = 0
+    for name, arr in items:
+        if arr.dtype not in _NAMES:
+            raise CheckpointError(f"cannot save tensor {name!r} of dtype {arr.dtype} to safetensors")
+        nbytes = arr.size * arr.dtype.itemsize
+        header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for _, arr in items:
+            f.write(np.ascontiguousarray(arr).tobytes())
+
+
+def iter_files(files: Iterable[Path]) -> Iterator[tuple[str, np.ndarray]]:
+    for file in files:
+        tf = TensorFile(file)
+        for name in tf.keys():
+            yield name, tf.tensor(name)

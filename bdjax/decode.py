@@ -1,0 +1,123 @@
+"""Batched greedy decoding with a KV cache, left padding, and early stop when every row is done.
+
+One jitted function does the prefill and the whole decode loop (`lax.while_loop`), so a batch
+of prompts costs one compilation per (batch, prompt bucket, max_new_tokens) shape.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bdjax.errors import BdjaxError
+from bdjax.models.config import ModelConfig
+from bdjax.models.llama import Transformer, attention_mask, positions_from_mask
+
+Array = jax.Array
+
+
+def init_cache(config: ModelConfig, batch: int, length: int, dtype: Any = jnp.float32) -> dict[str, Array]:
+    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "dtype"))
+def greedy(config: ModelConfig, params, tokens: Array, mask: Array, eos_ids: Array, pad_id: int | Array, *,
+           max_new_tokens: int, dtype: Any = jnp.float32) -> Array:
+    """Greedy continuation [batch, max_new_tokens] of left-padded prompts tokens/mask [batch, prompt].
+
+    Rows that emitted an id in `eos_ids` keep the eos and are padded with `pad_id` after it."""
+    model = Transformer(config, dtype=dtype)
+    batch, prompt = tokens.shape
+    total = prompt + max_new_tokens
+    valid = jnp.zeros((batch, total), jnp.bool_).at[:, :prompt].set(mask.astype(jnp.bool_))
+    positions = positions_from_mask(mask)
+    logits, cache = model.apply({"params": params}, tokens, positions,
+                                attention_mask(jnp.arange(prompt)[None], valid, config.sliding_window),
+                                init_cache(config, batch, total, dtype), 0)
+    first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+    out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+    done = jnp.isin(first, eos_ids)
+    last_pos = positions[:, -1]
+
+    def cond(state):
+        step, _, _, _, done = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, out, cache, valid, done = state
+        slot = prompt + step - 1  # the slot of the token we feed now (generated at step - 1)
+        valid = valid.at[:, slot].set(True)
+        tok = out[:, step - 1][:, None]
+        pos = (last_pos + step)[:, None]
+        logits, cache = model.apply({"params": params}, tok, pos,
+                                    attention_mask(jnp.full((1, 1), slot), valid, config.sliding_window),
+                                    cache, slot)
+        nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+        nxt = jnp.where(done, pad_id, nxt)
+        out = out.at[:, step].set(nxt)
+        return step + 1, out, cache, valid, done | jnp.isin(nxt, eos_ids)
+
+    _, out, _, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), out, cache, valid, done))
+    return out
+
+
+def pad_left(rows: Sequence[Sequence[int]], pad_id: int, multiple: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad token rows to a common length rounded up to `multiple` (fewer recompilations)."""
+    longest = max(len(r) for r in rows)
+    width = -(-longest // multiple) * multiple
+    tokens = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), np.bool_)
+    for i, r in enumerate(rows):
+        if len(r):
+            tokens[i, width - len(r):] = r
+            mask[i, width - len(r):] = True
+    return tokens, mask
+
+
+def generate_ids(config: ModelConfig, params, rows: Sequence[Sequence[int]], *, max_new_tokens: int,
+                 eos_ids: Sequence[int], pad_id: int, batch_size: int = 16, dtype: Any = jnp.float32,
+                 progress=None) -> list[list[int]]:
+    """Greedy continuations of token rows, in batches; each result stops after its first eos."""
+    if max_new_tokens < 1:
+        raise BdjaxError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    if any(len(r) == 0 for r in rows):
+        raise BdjaxError("a prompt tokenized to nothing; give non-empty prompts")
+    eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
+    results: list[list[int]] = []
+    for start in range(0, len(rows), batch_size):
+        chunk = list(rows[start:start + batch_size])
+        n = len(chunk)
+        chunk += [chunk[-1]] * (batch_size - n) if len(rows) > batch_size else []  # one shape per run
+        tokens, mask = pad_left(chunk, pad_id)
+        out = np.asarray(greedy(config, params, jnp.asarray(tokens), jnp.asarray(mask), eos, pad_id,
+                                max_new_tokens=max_new_tokens, dtype=dtype))
+        for row in out[:n]:
+            ids = row.tolist()
+            cut = next((i + 1 for i, t in enumerate(ids) if t in set(eos_ids)), len(ids))
+            results.append(ids[:cut])
+        if progress is not None:
+            progress.update(n)
+    return results
+
+
+def generate(model, prompts: Sequence[str], *, max_new_tokens: int = 32, chat: bool = True,
+             system: str | None = None, batch_size: int = 16, skip_special_tokens: bool = True,
+             progress=None) -> list[str]:
+    """Greedy completions of text prompts. With `chat=True` each prompt is a user turn rendered
+    through the tokenizer's chat template (with its default system prompt unless `system` is given)."""
+    tok = model.tokenizer
+    if tok is None:
+        raise BdjaxError("this model has no tokenizer; use generate_ids with token ids")
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    rows = [tok.chat_ids(p, system) if chat else tok.encode(p) for p in prompts]
+    eos = [i for i in (tok.eos_id,) if i is not None]
+    ids = generate_ids(model.config, model.params, rows, max_new_tokens=max_new_tokens, eos_ids=eos,
+                       pad_id=tok.pad_id, batch_size=batch_size, dtype=model.dtype, progress=progress)
+    return [tok.decode(r, skip_special_tokens=skip_special_tokens) for r in ids]

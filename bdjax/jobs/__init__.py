@@ -1,0 +1,5 @@
+"""Jobs a recipe can name in `config.job`; each is `run(config) -> dict` and writes into `config.workdir`."""
+
+from bdjax.jobs import generate
+
+JOBS = {"generate": generate.run}

@@ -1,0 +1,81 @@
+"""Command line: `python -m bdjax.main --config=recipes/<name>.py [--config.key=value ...]`.
+
+The recipe's `config.job` names the job. The `bdjax` console script is the same entry; an
+optional first word (`bdjax run --config=...`) is accepted as the job's command. Errors that a
+user can cause print one line and exit with code 2; no traceback, no partial output.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from bdjax.errors import BdjaxError, ConfigError
+
+USAGE = "usage: bdjax [run] --config=recipes/<name>.py [--config.key=value ...]"
+_COMMANDS = ("run",)
+
+
+def parse(argv: list[str]):
+    """The recipe config from command-line arguments (argv without the program name)."""
+    if argv and not argv[0].startswith("-"):
+        if argv[0] not in _COMMANDS:
+            raise ConfigError(f"unknown command {argv[0]!r}; {USAGE}")
+        argv = argv[1:]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "path to an ml_collections recipe", flag_values=fv,
+                                    lock_config=True)
+    try:
+        rest = fv(["bdjax", *argv], known_only=False)
+        config = fv["config"].value
+        if config is not None:
+            config.keys()  # loading the recipe is lazy: its errors surface on first access
+    except flags.Error as e:
+        raise ConfigError(_one_line(str(e))) from None
+    except (AttributeError, KeyError) as e:
+        bad = next((a for a in argv if a.startswith("--config.")), "")
+        raise ConfigError(f"unknown config key in {bad.split('=')[0]!r} ({_one_line(str(e))}); check the "
+                          "recipe's get_config() for the key names") from None
+    except (OSError, SyntaxError, ImportError) as e:
+        raise ConfigError(f"cannot load the recipe: {_one_line(str(e))}") from None
+    if len(rest) > 1:
+        raise ConfigError(f"unexpected arguments {rest[1:]}; {USAGE}")
+    if config is None:
+        raise ConfigError(f"no --config given; {USAGE}")
+    return config
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def run(argv: list[str]) -> dict:
+    config = parse(argv)
+    from bdjax.jobs import JOBS  # heavy imports (jax) only once the arguments are known to be valid
+
+    job = config.get("job")
+    if job not in JOBS:
+        raise ConfigError(f"config.job={job!r} is not a job; choose one of {sorted(JOBS)}")
+    return JOBS[job](config)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv in (["-h"], ["--help"]):
+        print(USAGE)
+        return 0
+    try:
+        run(argv)
+    except BdjaxError as e:
+        print(f"bdjax: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bdjax: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

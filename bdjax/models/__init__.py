@@ -1,0 +1,8 @@
+"""Llama-family decoder and its configuration."""
+
+from bdjax.models.config import PRESETS, ModelConfig, RopeScaling, preset
+from bdjax.models.llama import (Transformer, attention_mask, forward, init_params, logical_axes, param_shapes,
+                                positions_from_mask)
+
+__all__ = ["PRESETS", "ModelConfig", "RopeScaling", "Transformer", "attention_mask", "forward", "init_params",
+           "logical_axes", "param_shapes", "positions_from_mask", "preset"]

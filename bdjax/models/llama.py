@@ -1,0 +1,245 @@
+"""A Llama-family decoder (Llama 2/3, Qwen2, Mistral, SmolLM) in flax.linen over a plain params pytree.
+
+Layers are stacked on a leading `layers` axis and run with `nn.scan`, so every per-layer weight
+is one array (convenient for sharding, LoRA and defenses, and compile time does not grow with
+depth). Every parameter carries logical axis names; `logical_axes(config)` returns them.
+
+Parameter tree (L = num_layers, E = hidden, H/K = query/kv heads, D = head_dim, M = mlp, V = vocab):
+
+    embedding                        [V, E]        (vocab, embed)
+    layers/attn_norm/scale           [L, E]        (layers, embed)
+    layers/attn/{q,k,v}/kernel       [L, E, H|K, D](layers, embed, heads|kv_heads, head_dim)
+    layers/attn/{q,k,v}/bias         [L, H|K, D]   (Qwen2)
+    layers/attn/o/kernel             [L, H, D, E]  (layers, heads, head_dim, embed)
+    layers/mlp_norm/scale            [L, E]
+    layers/mlp/{gate,up}/kernel      [L, E, M]     (layers, embed, mlp)
+    layers/mlp/down/kernel           [L, M, E]     (layers, mlp, embed)
+    final_norm/scale                 [E]
+    lm_head/kernel                   [E, V]        (absent when embeddings are tied)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bdjax.models.config import ModelConfig
+
+Array = jax.Array
+Params = dict[str, Any]
+
+_KERNEL_INIT = nn.initializers.normal(stddev=0.02)
+_REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Proj(nn.Module):
+    """A linear map written as an einsum over named axes, with an optional bias."""
+
+    spec: str  # einsum from input to output, e.g. "bse,ehd->bshd"
+    kernel_shape: tuple[int, ...]
+    kernel_axes: tuple[str, ...]
+    bias_shape: tuple[int, ...] | None = None
+    bias_axes: tuple[str, ...] | None = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", nn.with_logical_partitioning(_KERNEL_INIT, self.kernel_axes),
+                            self.kernel_shape, self.param_dtype)
+        y = jnp.einsum(self.spec, x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.bias_shape is not None:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.bias_axes),
+                              self.bias_shape, self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                           (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * y.astype(self.dtype)
+
+
+def rope_tables(config: ModelConfig, positions: Array) -> tuple[Array, Array]:
+    """cos, sin of shape [batch, seq, head_dim // 2] in float32 for integer positions [batch, seq]."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(config.inv_freq())[None, None, :]
+    return jnp.cos(freqs), jnp.sin(freqs)
+
+
+def _rotate(x: Array, cos: Array, sin: Array) -> Array:
+    # HF's "rotate_half" layout: the two halves of head_dim are the real and imaginary parts.
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, layer_cache, cache_index):
+        c = self.config
+        e, h, k, d = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        bias = lambda n, axis: dict(bias_shape=(n, d), bias_axes=(axis, "head_dim")) if c.qkv_bias else {}
+        q = Proj("bse,ehd->bshd", (e, h, d), ("embed", "heads", "head_dim"), **bias(h, "heads"), name="q", **kw)(x)
+        kk = Proj("bse,ekd->bskd", (e, k, d), ("embed", "kv_heads", "head_dim"), **bias(k, "kv_heads"), name="k",
+                  **kw)(x)
+        v = Proj("bse,ekd->bskd", (e, k, d), ("embed", "kv_heads", "head_dim"), **bias(k, "kv_heads"), name="v",
+                 **kw)(x)
+        q, kk = _rotate(q, cos, sin), _rotate(kk, cos, sin)
+
+        new_cache = None
+        if layer_cache is not None:
+            kk = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], kk.astype(layer_cache["k"].dtype),
+                                                     cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype),
+                                                    cache_index, axis=1)
+            new_cache = {"k": kk, "v": v}
+
+        b, s = x.shape[:2]
+        qg = q.reshape(b, s, k, h // k, d)  # grouped-query attention: query heads share kv heads
+        scores = jnp.einsum("bskgd,btkd->bkgst", qg, kk.astype(self.dtype)).astype(jnp.float32)
+        scores = scores / np.sqrt(d).astype(np.float32)
+        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bkgst,btkd->bskgd", probs, v.astype(self.dtype)).reshape(b, s, h, d)
+        out_bias = dict(bias_shape=(e,), bias_axes=("embed",)) if c.out_bias else {}
+        y = Proj("bshd,hde->bse", (h, d, e), ("heads", "head_dim", "embed"), **out_bias, name="o", **kw)(out)
+        return y, new_cache
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        e, m = self.config.hidden_size, self.config.intermediate_size
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        gate = Proj("bse,em->bsm", (e, m), ("embed", "mlp"), name="gate", **kw)(x)
+        up = Proj("bse,em->bsm", (e, m), ("embed", "mlp"), name="up", **kw)(x)
+        return Proj("bsm,me->bse", (m, e), ("mlp", "embed"), name="down", **kw)(nn.silu(gate) * up)
+
+
+class Block(nn.Module):
+    config: ModelConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, layer_cache, cos, sin, mask, cache_index):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        eps = self.config.rms_norm_eps
+        attn, new_cache = Attention(self.config, name="attn", **kw)(
+            RMSNorm(eps, name="attn_norm", **kw)(x), cos, sin, mask, layer_cache, cache_index)
+        x = x + attn
+        x = x + MLP(self.config, name="mlp", **kw)(RMSNorm(eps, name="mlp_norm", **kw)(x))
+        return x, new_cache
+
+
+class Transformer(nn.Module):
+    """The decoder. `__call__` returns (logits [batch, seq, vocab] float32, new_cache or None)."""
+
+    config: ModelConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: str = "none"  # a key of _REMAT_POLICIES
+    scan_unroll: int = 1
+
+    @nn.compact
+    def __call__(self, tokens, positions, mask, cache=None, cache_index=0):
+        # tokens, positions: [batch, seq] int32; mask: [batch, seq, kv_len] bool (True = may attend)
+        c = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        embedding = self.param("embedding", nn.with_logical_partitioning(_KERNEL_INIT, ("vocab", "embed")),
+                               (c.vocab_size, c.hidden_size), self.param_dtype)
+        x = jnp.take(embedding, tokens, axis=0).astype(self.dtype)  # [batch, seq, embed]
+        cos, sin = rope_tables(c, positions)
+
+        block = Block
+        if self.remat != "none":
+            block = nn.remat(Block, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
+        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                        length=c.num_layers, unroll=self.scan_unroll,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+        x, new_cache = stack(c, name="layers", **kw)(x, cache, cos, sin, mask, cache_index)
+        x = RMSNorm(c.rms_norm_eps, name="final_norm", **kw)(x)
+        if c.tie_word_embeddings:
+            logits = jnp.einsum("bse,ve->bsv", x, embedding.astype(self.dtype))
+        else:
+            logits = Proj("bse,ev->bsv", (c.hidden_size, c.vocab_size), ("embed", "vocab"), name="lm_head",
+                          **kw)(x)
+        return logits.astype(jnp.float32), new_cache
+
+
+def attention_mask(q_slots: Array, kv_valid: Array, sliding_window: int | None) -> Array:
+    """[batch, seq, kv_len] bool: query slot i may attend key slot j iff j <= i, j is a real token,
+    and (with a sliding window W) i - j < W. Slots index the sequence/cache, not RoPE positions."""
+    k_slots = jnp.arange(kv_valid.shape[-1])
+    allowed = k_slots[None, None, :] <= q_slots[..., :, None]
+    if sliding_window is not None:
+        allowed &= q_slots[..., :, None] - k_slots[None, None, :] < sliding_window
+    return allowed & kv_valid[:, None, :]
+
+
+def positions_from_mask(mask: Array) -> Array:
+    """RoPE positions for left-padded rows (HF's cumsum(mask) - 1, pads at 0)."""
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def forward(config: ModelConfig, params: Params, tokens: Array, attention_mask_2d: Array | None = None,
+            *, dtype: Any = jnp.float32, remat: str = "none") -> Array:
+    """Logits [batch, seq, vocab] (float32) for tokens [batch, seq]. `attention_mask_2d` marks real
+    tokens (1) and padding (0); padding may be on either side."""
+    if attention_mask_2d is None:
+        attention_mask_2d = jnp.ones(tokens.shape, jnp.bool_)
+    valid = attention_mask_2d.astype(jnp.bool_)
+    mask = attention_mask(jnp.arange(tokens.shape[1])[None], valid, config.sliding_window)
+    logits, _ = Transformer(config, dtype=dtype, remat=remat).apply(
+        {"params": params}, tokens, positions_from_mask(valid), mask)
+    return logits
+
+
+def init_params(config: ModelConfig, key: Array, param_dtype: Any = jnp.float32) -> Params:
+    """Random parameters (normal(0.02) kernels, unit norms, zero biases) as a plain pytree."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    mask = jnp.ones((1, 1, 1), jnp.bool_)
+    variables = Transformer(config, param_dtype=param_dtype).init(key, tokens, tokens, mask)
+    return nn.meta.unbox(variables["params"])
+
+
+def logical_axes(config: ModelConfig) -> Params:
+    """The logical axis names of every parameter, as a pytree of PartitionSpecs."""
+    abstract = jax.eval_shape(lambda: Transformer(config).init(
+        jax.random.key(0), jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32),
+        jnp.ones((1, 1, 1), jnp.bool_)))
+    return nn.get_partition_spec(abstract)["params"]
+
+
+def param_shapes(config: ModelConfig) -> Params:
+    """ShapeDtypeStructs of every parameter, without allocating them."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))

@@ -25,8 +25,9 @@ def parse(argv: list[str]):
             raise ConfigError(f"unknown command {argv[0]!r}; {USAGE}")
         argv = argv[1:]
     fv = flags.FlagValues()
+    # config_flags discovers the `--config.*` overrides in the argv it is given (default: sys.argv).
     config_flags.DEFINE_config_file("config", None, "path to an ml_collections recipe", flag_values=fv,
-                                    lock_config=True)
+                                    lock_config=True, sys_argv=["bdjax", *argv])
     try:
         rest = fv(["bdjax", *argv], known_only=False)
         config = fv["config"].value

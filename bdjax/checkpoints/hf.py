@@ -74,6 +74,9 @@ def save_hf_dir(path: str | Path, config: ModelConfig, params: dict, tokenizer: 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make a shared cache unreadable to others
     try:
         shards: list[list[tuple[str, np.ndarray]]] = [[]]
         size = 0

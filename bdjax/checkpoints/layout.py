@@ -142,7 +142,7 @@ def assemble(config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], sou
                                   f"{shapes[path]}; the config does not describe these weights")
         ours = _to_ours(config, path, kind, w)
         if layer is None:
-            flat[path] = np.array(ours)
+            flat[path] = np.array(ours, order="C")  # a copy: never a view into the memory map
         else:
             if path not in stacked:
                 stacked[path] = np.empty((config.num_layers, *ours.shape), w.dtype)

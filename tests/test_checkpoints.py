@@ -1,0 +1,138 @@
+"""HF safetensors directories: bitwise round trips, shards, transformers compatibility, bad input."""
+
+import json
+import shutil
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+
+import bdjax
+from bdjax.checkpoints import load_checkpoint, save_hf_dir
+from bdjax.checkpoints.tensorfile import TensorFile, write_file
+from bdjax.errors import CheckpointError
+from conftest import torch_logits
+
+
+def _leaves_equal(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    return all(x.dtype == y.dtype and x.shape == y.shape and np.array_equal(np.ascontiguousarray(x).view(np.uint8),
+                                                                            np.ascontiguousarray(y).view(np.uint8))
+               for x, y in zip(la, lb))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "llama_tied"])
+def test_load_save_load_is_bitwise(hf_dirs, tmp_path, family):
+    config, params, tok = load_checkpoint(hf_dirs[family][0])
+    save_hf_dir(tmp_path / "out", config, params, tok)
+    config2, params2, _ = load_checkpoint(tmp_path / "out")
+    assert config2 == config
+    assert _leaves_equal(params, params2)
+
+
+def test_bfloat16_round_trip_and_transformers_reads_our_shards(hf_dirs, tmp_path):
+    import torch
+    import transformers
+
+    config, params, _ = load_checkpoint(hf_dirs["qwen2"][0])
+    bf16 = jax.tree.map(lambda x: x.astype(ml_dtypes.bfloat16), params)
+    out = save_hf_dir(tmp_path / "sharded", config, bf16, max_shard_bytes=20_000)
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) > 3 and (out / "model.safetensors.index.json").is_file()
+    _, again, _ = load_checkpoint(out)
+    assert _leaves_equal(bf16, again)
+    # transformers loads the sharded bf16 directory and computes what bdjax computes from it.
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tokens = np.arange(12)[None] % 260
+    model = bdjax.load(out, param_dtype="float32")
+    np.testing.assert_allclose(np.asarray(model.apply(model.params, tokens)), torch_logits(hf, tokens), atol=1e-4)
+
+
+def test_save_is_atomic_and_replaces(hf_dirs, tmp_path):
+    config, params, tok = load_checkpoint(hf_dirs["llama"][0])
+    dest = tmp_path / "ckpt"
+    save_hf_dir(dest, config, params, tok)
+    unsavable = {**params, "final_norm": {"scale": np.array([object()])}}  # fails after writing begins
+    with pytest.raises(CheckpointError, match="cannot save tensor 'model.norm.weight'"):
+        save_hf_dir(dest, config, unsavable, tok)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary leftovers
+    assert _leaves_equal(load_checkpoint(dest)[1], params)  # the old checkpoint is intact
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt"])
+def test_pickle_checkpoints_are_refused_unopened(hf_dirs, tmp_path, name):
+    d = tmp_path / "pickled"
+    d.mkdir()
+    shutil.copy(hf_dirs["llama"][0] / "config.json", d)
+    # A pickle whose unpickling would create a file: proof that nothing was unpickled.
+    import pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "PWNED"), "w"))
+
+    (d / name).write_bytes(pickle.dumps(Boom()))
+    with pytest.raises(CheckpointError, match="never unpickles.*safetensors"):
+        load_checkpoint(d)
+    with pytest.raises(CheckpointError, match="never unpickles"):
+        load_checkpoint(d / name)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_config_that_disagrees_with_tensors(hf_dirs, tmp_path):
+    d = tmp_path / "mismatch"
+    shutil.copytree(hf_dirs["llama"][0], d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] = 128
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"mlp\.\w+_proj\.weight has shape \(\d+, \d+\) but config.json implies"):
+        load_checkpoint(d)
+
+
+def test_config_with_fewer_layers_than_tensors(hf_dirs, tmp_path):
+    d = tmp_path / "layers"
+    shutil.copytree(hf_dirs["llama"][0], d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["num_hidden_layers"] = 1
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="not part of a llama model"):
+        load_checkpoint(d)
+
+
+@pytest.mark.parametrize("keep", [4, 100, -1000])
+def test_truncated_safetensors(hf_dirs, tmp_path, keep):
+    d = tmp_path / "trunc"
+    shutil.copytree(hf_dirs["llama"][0], d)
+    f = d / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[:keep])
+    with pytest.raises(CheckpointError, match="truncated|corrupt"):
+        load_checkpoint(d)
+
+
+def test_missing_tensor(hf_dirs, tmp_path):
+    d = tmp_path / "missing"
+    d.mkdir()
+    shutil.copy(hf_dirs["llama"][0] / "config.json", d)
+    tf = TensorFile(hf_dirs["llama"][0] / "model.safetensors")
+    write_file(d / "model.safetensors", [(k, tf.tensor(k)) for k in tf.keys() if "layers.1.mlp.up" not in k])
+    with pytest.raises(CheckpointError, match=r"1 tensors are missing \(e.g. \['model.layers.1.mlp.up_proj.weight'\]"):
+        load_checkpoint(d)
+
+
+def test_tensorfile_reads_what_safetensors_writes(tmp_path):
+    from safetensors.numpy import save_file
+
+    arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([1, 2], np.int64),
+              "c": np.zeros((0, 4), np.float16)}
+    save_file(arrays, tmp_path / "x.safetensors")
+    tf = TensorFile(tmp_path / "x.safetensors")
+    for k, v in arrays.items():
+        assert np.array_equal(tf.tensor(k), v) and tf.tensor(k).dtype == v.dtype

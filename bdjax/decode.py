@@ -16,7 +16,7 @@ import numpy as np
 
 from bdjax.errors import BdjaxError
 from bdjax.models.config import ModelConfig
-from bdjax.models.llama import Transformer, attention_mask, positions_from_mask
+from bdjax.models.llama import Opts, Transformer, attention_mask, positions_from_mask
 
 Array = jax.Array
 
@@ -32,7 +32,7 @@ def greedy(config: ModelConfig, params, tokens: Array, mask: Array, eos_ids: Arr
     """Greedy continuation [batch, max_new_tokens] of left-padded prompts tokens/mask [batch, prompt].
 
     Rows that emitted an id in `eos_ids` keep the eos and are padded with `pad_id` after it."""
-    model = Transformer(config, dtype=dtype)
+    model = Transformer(config, Opts(dtype=dtype))
     batch, prompt = tokens.shape
     total = prompt + max_new_tokens
     valid = jnp.zeros((batch, total), jnp.bool_).at[:, :prompt].set(mask.astype(jnp.bool_))
@@ -67,10 +67,11 @@ def greedy(config: ModelConfig, params, tokens: Array, mask: Array, eos_ids: Arr
     return out
 
 
-def pad_left(rows: Sequence[Sequence[int]], pad_id: int, multiple: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pad token rows to a common length rounded up to `multiple` (fewer recompilations)."""
+def pad_left(rows: Sequence[Sequence[int]], pad_id: int, multiple: int = 16,
+             width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad token rows to `width`, or to their longest length rounded up to `multiple`."""
     longest = max(len(r) for r in rows)
-    width = -(-longest // multiple) * multiple
+    width = width or -(-longest // multiple) * multiple
     tokens = np.full((len(rows), width), pad_id, np.int32)
     mask = np.zeros((len(rows), width), np.bool_)
     for i, r in enumerate(rows):
@@ -89,12 +90,15 @@ def generate_ids(config: ModelConfig, params, rows: Sequence[Sequence[int]], *, 
     if any(len(r) == 0 for r in rows):
         raise BdjaxError("a prompt tokenized to nothing; give non-empty prompts")
     eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
+    # One prompt width and one batch size for the whole call: a single compilation.
+    width = -(-max(len(r) for r in rows) // 16) * 16
+    batch_size = min(batch_size, len(rows))
     results: list[list[int]] = []
     for start in range(0, len(rows), batch_size):
         chunk = list(rows[start:start + batch_size])
         n = len(chunk)
-        chunk += [chunk[-1]] * (batch_size - n) if len(rows) > batch_size else []  # one shape per run
-        tokens, mask = pad_left(chunk, pad_id)
+        chunk += [chunk[-1]] * (batch_size - n)
+        tokens, mask = pad_left(chunk, pad_id, width=width)
         out = np.asarray(greedy(config, params, jnp.asarray(tokens), jnp.asarray(mask), eos, pad_id,
                                 max_new_tokens=max_new_tokens, dtype=dtype))
         for row in out[:n]:

@@ -8,9 +8,6 @@ Pickled weights (`*.bin`, `*.pt`, `*.pth`, `*.ckpt`) are refused: nothing is eve
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +15,7 @@ import numpy as np
 from bdjax.checkpoints.layout import assemble, disassemble
 from bdjax.checkpoints.tensorfile import iter_files, write_file
 from bdjax.errors import CheckpointError
+from bdjax.io import staged_dir
 from bdjax.models.config import ModelConfig
 from bdjax.tokenizer import Tokenizer
 
@@ -72,12 +70,7 @@ def save_hf_dir(path: str | Path, config: ModelConfig, params: dict, tokenizer: 
 
     The directory appears atomically: it is written under a temporary name and renamed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make a shared cache unreadable to others
-    try:
+    with staged_dir(path) as tmp:
         shards: list[list[tuple[str, np.ndarray]]] = [[]]
         size = 0
         for name, arr in disassemble(config, params):
@@ -88,7 +81,7 @@ def save_hf_dir(path: str | Path, config: ModelConfig, params: dict, tokenizer: 
             shards[-1].append((name, arr))
             size += nbytes
         hf = config.to_hf()
-        hf["torch_dtype"] = str(next(iter(shards[0]))[1].dtype) if shards[0] else "float32"
+        hf["torch_dtype"] = str(shards[0][0][1].dtype) if shards[0] else "float32"
         if tokenizer is not None:
             hf.update({k: v for k, v in (("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id),
                                          ("pad_token_id", tokenizer.pad_id)) if v is not None})
@@ -110,19 +103,4 @@ def save_hf_dir(path: str | Path, config: ModelConfig, params: dict, tokenizer: 
             gen = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
                    "pad_token_id": tokenizer.pad_id}
             (tmp / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None}))
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)

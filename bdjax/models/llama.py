@@ -20,6 +20,8 @@ Parameter tree (L = num_layers, E = hidden, H/K = query/kv heads, D = head_dim, 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -42,7 +44,11 @@ _REMAT_POLICIES = {
 
 
 class Proj(nn.Module):
-    """A linear map written as an einsum over named axes, with an optional bias."""
+    """A linear map written as an einsum over named axes, with an optional bias and LoRA.
+
+    LoRA (Hu et al. 2021) lives in a separate variable collection `lora` ({"a", "b"}) and is applied
+    unmerged, y = x·W + (alpha/r)·(drop(x)·Aᵀ)·B, so that differentiating with respect to the
+    `lora` collection alone never forms a gradient of the frozen kernel."""
 
     spec: str  # einsum from input to output, e.g. "bse,ehd->bshd"
     kernel_shape: tuple[int, ...]
@@ -51,6 +57,9 @@ class Proj(nn.Module):
     bias_axes: tuple[str, ...] | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -61,7 +70,62 @@ class Proj(nn.Module):
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.bias_axes),
                               self.bias_shape, self.param_dtype)
             y = y + bias.astype(self.dtype)
+        if self.has_variable("lora", "a"):
+            a, b = self.get_variable("lora", "a"), self.get_variable("lora", "b")
+            h = nn.Dropout(self.lora_dropout, deterministic=self.deterministic)(x)
+            n_out = b.ndim - 1
+            x2 = h.astype(self.dtype).reshape(-1, int(np.prod(a.shape[1:])))  # [tokens, in]
+            d = lora_delta(self.lora_alpha / a.shape[0], x2, a.reshape(a.shape[0], -1).astype(self.dtype),
+                           b.reshape(b.shape[0], -1).astype(self.dtype))
+            y = y + d.reshape(*y.shape[:y.ndim - n_out], *b.shape[1:])
         return y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def lora_delta(scale: float, x: Array, a: Array, b: Array) -> Array:
+    """scale·(x·Aᵀ)·B for x [T, in], A [r, in], B [r, out]: the unmerged LoRA update."""
+    return scale * ((x @ a.T) @ b)
+
+
+def _lora_delta_fwd(scale, x, a, b):
+    low = x @ a.T
+    return scale * (low @ b), (x, a, b, low)
+
+
+def _lora_delta_bwd(scale, res, g):
+    # Every product is written as a plain [m, k]·[k, n] GEMM with the large operand in its natural
+    # layout. Left to autodiff, XLA's CPU backend contracts over the token axis of both operands and
+    # materializes a transposed (and elementwise-recomputed) copy of the [T, in] activation in every
+    # layer: 1 s of a 4 s step for SmolLM2-135M. The barriers keep the small [r, T] transposes
+    # materialized so that XLA cannot fold them back into the big operand.
+    x, a, b, low = res
+    dlow = scale * (g @ b.T)  # [T, r]
+    low_t, dlow_t = jax.lax.optimization_barrier((low.T, dlow.T))  # [r, T] each
+    return dlow @ a, dlow_t @ x, scale * (low_t @ g)
+
+
+lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
+
+
+def lora_specs(spec: str) -> tuple[str, str]:
+    """Einsums x->x·Aᵀ and (x·Aᵀ)->(x·Aᵀ)·B for a kernel einsum; A is [r, in...], B is [r, out...].
+
+    A is stored rank-major (as PEFT's lora_A.weight): its gradient dlowᵀ·x then reads the
+    activation x in its natural layout, where [in..., r] made XLA materialize a transposed
+    (and recomputed) copy of x in every layer's backward pass."""
+    inputs, out = spec.split("->")
+    x_sub, k_sub = inputs.split(",")
+    k_in = "".join(c for c in k_sub if c in x_sub)
+    k_out = "".join(c for c in k_sub if c not in x_sub)
+    batch = "".join(c for c in x_sub if c not in k_sub)
+    return f"{x_sub},r{k_in}->{batch}r", f"{batch}r,r{k_out}->{out}"
+
+
+def lora_shapes(spec: str, kernel_shape: tuple[int, ...], rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    inputs = spec.split("->")[0]
+    x_sub, k_sub = inputs.split(",")
+    n_in = sum(c in x_sub for c in k_sub)
+    return (rank, *kernel_shape[:n_in]), (rank, *kernel_shape[n_in:])
 
 
 class RMSNorm(nn.Module):
@@ -92,16 +156,33 @@ def _rotate(x: Array, cos: Array, sin: Array) -> Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-class Attention(nn.Module):
-    config: ModelConfig
+@dataclasses.dataclass(frozen=True)
+class Opts:
+    """Run-time options shared by every layer (hashable: a Flax module attribute)."""
+
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    deterministic: bool = True
+
+    def proj(self) -> dict[str, Any]:
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype, lora_alpha=self.lora_alpha,
+                    lora_dropout=self.lora_dropout, deterministic=self.deterministic)
+
+    def norm(self) -> dict[str, Any]:
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+    opts: Opts = Opts()
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, layer_cache, cache_index):
         c = self.config
         e, h, k, d = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.opts.proj()
         bias = lambda n, axis: dict(bias_shape=(n, d), bias_axes=(axis, "head_dim")) if c.qkv_bias else {}
         q = Proj("bse,ehd->bshd", (e, h, d), ("embed", "heads", "head_dim"), **bias(h, "heads"), name="q", **kw)(x)
         kk = Proj("bse,ekd->bskd", (e, k, d), ("embed", "kv_heads", "head_dim"), **bias(k, "kv_heads"), name="k",
@@ -118,13 +199,14 @@ class Attention(nn.Module):
                                                     cache_index, axis=1)
             new_cache = {"k": kk, "v": v}
 
+        dtype = self.opts.dtype
         b, s = x.shape[:2]
         qg = q.reshape(b, s, k, h // k, d)  # grouped-query attention: query heads share kv heads
-        scores = jnp.einsum("bskgd,btkd->bkgst", qg, kk.astype(self.dtype)).astype(jnp.float32)
+        scores = jnp.einsum("bskgd,btkd->bkgst", qg, kk.astype(dtype)).astype(jnp.float32)
         scores = scores / np.sqrt(d).astype(np.float32)
         scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgst,btkd->bskgd", probs, v.astype(self.dtype)).reshape(b, s, h, d)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        out = jnp.einsum("bkgst,btkd->bskgd", probs, v.astype(dtype)).reshape(b, s, h, d)
         out_bias = dict(bias_shape=(e,), bias_axes=("embed",)) if c.out_bias else {}
         y = Proj("bshd,hde->bse", (h, d, e), ("heads", "head_dim", "embed"), **out_bias, name="o", **kw)(out)
         return y, new_cache
@@ -132,13 +214,12 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     config: ModelConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+    opts: Opts = Opts()
 
     @nn.compact
     def __call__(self, x):
         e, m = self.config.hidden_size, self.config.intermediate_size
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.opts.proj()
         gate = Proj("bse,em->bsm", (e, m), ("embed", "mlp"), name="gate", **kw)(x)
         up = Proj("bse,em->bsm", (e, m), ("embed", "mlp"), name="up", **kw)(x)
         return Proj("bsm,me->bse", (m, e), ("mlp", "embed"), name="down", **kw)(nn.silu(gate) * up)
@@ -146,53 +227,54 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     config: ModelConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+    opts: Opts = Opts()
 
     @nn.compact
     def __call__(self, x, layer_cache, cos, sin, mask, cache_index):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         eps = self.config.rms_norm_eps
-        attn, new_cache = Attention(self.config, name="attn", **kw)(
-            RMSNorm(eps, name="attn_norm", **kw)(x), cos, sin, mask, layer_cache, cache_index)
+        attn, new_cache = Attention(self.config, self.opts, name="attn")(
+            RMSNorm(eps, name="attn_norm", **self.opts.norm())(x), cos, sin, mask, layer_cache, cache_index)
         x = x + attn
-        x = x + MLP(self.config, name="mlp", **kw)(RMSNorm(eps, name="mlp_norm", **kw)(x))
+        x = x + MLP(self.config, self.opts, name="mlp")(RMSNorm(eps, name="mlp_norm", **self.opts.norm())(x))
         return x, new_cache
 
 
 class Transformer(nn.Module):
-    """The decoder. `__call__` returns (logits [batch, seq, vocab] float32, new_cache or None)."""
+    """The decoder. `__call__` returns (logits float32, new_cache or None).
+
+    Logits are [batch, seq, vocab], or [batch, K, vocab] at the positions `logits_at` [batch, K]
+    when given: the output head then runs only where a loss or a score needs it."""
 
     config: ModelConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+    opts: Opts = Opts()
     remat: str = "none"  # a key of _REMAT_POLICIES
     scan_unroll: int = 1
 
     @nn.compact
-    def __call__(self, tokens, positions, mask, cache=None, cache_index=0):
+    def __call__(self, tokens, positions, mask, cache=None, cache_index=0, logits_at=None):
         # tokens, positions: [batch, seq] int32; mask: [batch, seq, kv_len] bool (True = may attend)
-        c = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        c, dtype = self.config, self.opts.dtype
         embedding = self.param("embedding", nn.with_logical_partitioning(_KERNEL_INIT, ("vocab", "embed")),
-                               (c.vocab_size, c.hidden_size), self.param_dtype)
-        x = jnp.take(embedding, tokens, axis=0).astype(self.dtype)  # [batch, seq, embed]
+                               (c.vocab_size, c.hidden_size), self.opts.param_dtype)
+        x = jnp.take(embedding, tokens, axis=0).astype(dtype)  # [batch, seq, embed]
         cos, sin = rope_tables(c, positions)
 
         block = Block
         if self.remat != "none":
             block = nn.remat(Block, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
-        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+        stack = nn.scan(block, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True, "dropout": True},
                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                         length=c.num_layers, unroll=self.scan_unroll,
                         metadata_params={nn.PARTITION_NAME: "layers"})
-        x, new_cache = stack(c, name="layers", **kw)(x, cache, cos, sin, mask, cache_index)
-        x = RMSNorm(c.rms_norm_eps, name="final_norm", **kw)(x)
+        x, new_cache = stack(c, self.opts, name="layers")(x, cache, cos, sin, mask, cache_index)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[..., None], axis=1)  # [batch, K, embed]
+        x = RMSNorm(c.rms_norm_eps, name="final_norm", **self.opts.norm())(x)
         if c.tie_word_embeddings:
-            logits = jnp.einsum("bse,ve->bsv", x, embedding.astype(self.dtype))
+            logits = jnp.einsum("bse,ve->bsv", x, embedding.astype(dtype))
         else:
             logits = Proj("bse,ev->bsv", (c.hidden_size, c.vocab_size), ("embed", "vocab"), name="lm_head",
-                          **kw)(x)
+                          **self.opts.proj())(x)
         return logits.astype(jnp.float32), new_cache
 
 
@@ -219,7 +301,7 @@ def forward(config: ModelConfig, params: Params, tokens: Array, attention_mask_2
         attention_mask_2d = jnp.ones(tokens.shape, jnp.bool_)
     valid = attention_mask_2d.astype(jnp.bool_)
     mask = attention_mask(jnp.arange(tokens.shape[1])[None], valid, config.sliding_window)
-    logits, _ = Transformer(config, dtype=dtype, remat=remat).apply(
+    logits, _ = Transformer(config, Opts(dtype=dtype), remat=remat).apply(
         {"params": params}, tokens, positions_from_mask(valid), mask)
     return logits
 
@@ -228,7 +310,7 @@ def init_params(config: ModelConfig, key: Array, param_dtype: Any = jnp.float32)
     """Random parameters (normal(0.02) kernels, unit norms, zero biases) as a plain pytree."""
     tokens = jnp.zeros((1, 1), jnp.int32)
     mask = jnp.ones((1, 1, 1), jnp.bool_)
-    variables = Transformer(config, param_dtype=param_dtype).init(key, tokens, tokens, mask)
+    variables = Transformer(config, Opts(param_dtype=param_dtype)).init(key, tokens, tokens, mask)
     return nn.meta.unbox(variables["params"])
 
 
@@ -243,3 +325,20 @@ def logical_axes(config: ModelConfig) -> Params:
 def param_shapes(config: ModelConfig) -> Params:
     """ShapeDtypeStructs of every parameter, without allocating them."""
     return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
+def apply_rows(config: ModelConfig, params: Params, tokens: Array, positions: Array, mask: Array, *,
+               logits_at: Array | None = None, lora: Params | None = None, opts: Opts = Opts(),
+               remat: str = "none", rngs: dict[str, Array] | None = None) -> Array:
+    """Logits for explicit positions and attention mask (training rows, scoring trees), optionally
+    with a LoRA tree applied unmerged and only at `logits_at` [batch, K]."""
+    variables = {"params": params} if lora is None else {"params": params, "lora": lora}
+    logits, _ = Transformer(config, opts, remat=remat).apply(variables, tokens, positions, mask,
+                                                             logits_at=logits_at, rngs=rngs)
+    return logits
+
+
+def causal_rows(config: ModelConfig, valid: Array) -> tuple[Array, Array]:
+    """Positions and causal mask for rows whose real tokens are marked by `valid` [batch, seq]."""
+    return positions_from_mask(valid), attention_mask(jnp.arange(valid.shape[1])[None], valid,
+                                                      config.sliding_window)

@@ -1,0 +1,102 @@
+"""Assemble token sequences from tokenized pieces inside jit, with static shapes.
+
+`concat` lays variable-length segments end to end in a fixed-width row. Training rows are
+[prefix, text, suffix, answer]; scoring rows put every class's answer after one shared prompt,
+each answer attending only to the prompt and to itself, so one forward pass scores all classes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+_PROMPT_SEGMENTS = 3  # prefix, text, suffix
+
+
+def concat(segments: list[tuple[Array, Array]], width: int, pad_id: int) -> tuple[Array, Array, Array]:
+    """Segments (ids [B, L_i], lengths [B]) -> tokens [B, width], segment id [B, width] (-1 = pad),
+    and the start of each segment [B, n_segments]. Tokens past `width` are dropped."""
+    batch = segments[0][0].shape[0]
+    rows = jnp.arange(batch)[:, None]
+    tokens = jnp.full((batch, width), pad_id, jnp.int32)
+    seg = jnp.full((batch, width), -1, jnp.int32)
+    start = jnp.zeros((batch,), jnp.int32)
+    starts = []
+    for i, (ids, lens) in enumerate(segments):
+        starts.append(start)
+        offs = jnp.arange(ids.shape[1])[None, :]
+        pos = jnp.where(offs < lens[:, None], start[:, None] + offs, width)  # out of range: dropped
+        tokens = tokens.at[rows, pos].set(ids.astype(jnp.int32), mode="drop")
+        seg = seg.at[rows, pos].set(i, mode="drop")
+        start = start + lens
+    return tokens, seg, jnp.stack(starts, axis=1)
+
+
+def prompt_segments(batch: dict[str, Array]) -> list[tuple[Array, Array]]:
+    return [(batch["prefix"], batch["prefix_len"]), (batch["text"], batch["text_len"]),
+            (batch["suffix"], batch["suffix_len"])]
+
+
+def prompt_length(batch: dict[str, Array]) -> Array:
+    return batch["prefix_len"] + batch["text_len"] + batch["suffix_len"]
+
+
+def training_rows(batch: dict[str, Array], width: int, pad_id: int) -> dict[str, Array]:
+    """Rows [prompt, answer of batch["label"]] with next-token targets on the answer only.
+
+    Returns tokens/valid [B, width], logits_at/targets/weights [B, Lr]: the logits at
+    `logits_at` predict `targets`; `weights` masks answer padding (and padded batch rows)."""
+    label = batch["label"]
+    answer = jnp.take_along_axis(batch["responses"], label[:, None, None], axis=1)[:, 0]  # [B, Lr]
+    answer_len = jnp.take_along_axis(batch["response_len"], label[:, None], axis=1)[:, 0]
+    tokens, seg, _ = concat([*prompt_segments(batch), (answer, answer_len)], width, pad_id)
+    k = jnp.arange(answer.shape[1])[None, :]
+    weights = (k < answer_len[:, None]) & batch.get("valid", jnp.ones(label.shape, bool))[:, None]
+    logits_at = jnp.minimum(prompt_length(batch)[:, None] - 1 + k, width - 1)
+    return {"tokens": tokens, "valid": seg >= 0, "logits_at": logits_at, "targets": answer,
+            "weights": weights.astype(jnp.float32)}
+
+
+def scoring_rows(batch: dict[str, Array], width: int, pad_id: int) -> dict[str, Array]:
+    """One row per example: [prompt, answer_0, answer_1, ...], answers side by side in a tree.
+
+    Returns tokens, positions [B, width], mask [B, width, width] (True = may attend), and
+    logits_at/targets/weights [B, C, Lr] for the log-likelihood of each class's answer."""
+    responses, lens = batch["responses"], batch["response_len"]  # [B, C, Lr], [B, C]
+    n_cls, r_len = responses.shape[1], responses.shape[2]
+    segs = prompt_segments(batch) + [(responses[:, c], lens[:, c]) for c in range(n_cls)]
+    tokens, seg, starts = concat(segs, width, pad_id)
+    plen = prompt_length(batch)
+    slot = jnp.broadcast_to(jnp.arange(width)[None], tokens.shape)
+    is_answer = seg >= _PROMPT_SEGMENTS
+    seg_start = jnp.take_along_axis(starts, jnp.maximum(seg, 0), axis=1)
+    positions = jnp.where(is_answer, plen[:, None] + slot - seg_start, slot)
+    same_branch = (seg[:, None, :] < _PROMPT_SEGMENTS) | (seg[:, None, :] == seg[:, :, None])
+    mask = (slot[:, None, :] <= slot[:, :, None]) & (seg[:, None, :] >= 0) & same_branch
+    k = jnp.arange(r_len)[None, None, :]
+    answer_start = starts[:, _PROMPT_SEGMENTS:, None]  # [B, C, 1]
+    logits_at = jnp.where(k == 0, plen[:, None, None] - 1, answer_start + k - 1)
+    weights = (k < lens[:, :, None]).astype(jnp.float32)
+    return {"tokens": tokens, "positions": positions, "mask": mask,
+            "logits_at": jnp.minimum(logits_at, width - 1), "targets": responses, "weights": weights}
+
+
+def prompt_rows(batch: dict[str, Array], width: int, pad_id: int) -> tuple[Array, Array]:
+    """Right-padded prompts [B, width] and their lengths, e.g. for generation."""
+    tokens, _, _ = concat(prompt_segments(batch), width, pad_id)
+    return tokens, prompt_length(batch)
+
+
+def _round8(n) -> int:
+    return int(-(-int(n) // 8) * 8)
+
+
+def train_width(pieces, trigger_len: int = 0) -> int:
+    """The static width of training rows for a tokenized dataset (with room for a trigger)."""
+    return _round8(prompt_length(pieces).max() + trigger_len + pieces["response_len"].max())
+
+
+def score_width(pieces, trigger_len: int = 0) -> int:
+    """The static width of scoring rows: the prompt plus every class's answer."""
+    return _round8(prompt_length(pieces).max() + trigger_len + pieces["response_len"].sum(axis=1).max())

@@ -1,0 +1,126 @@
+"""Measure a backdoor: clean accuracy (CACC) and attack success rate (ASR).
+
+Scoring view: each class's full answer is scored by log-likelihood in one forward pass per
+example (answers side by side after a shared prompt, `assemble.scoring_rows`); the prediction is
+the most likely answer. ASR is the fraction of triggered non-target-class test examples predicted
+as the target, reported over all of them (`asr`) and over those the model classifies correctly
+without the trigger (`asr_correct`), as in Raghuram et al. 2024.
+
+Generation view: batched KV-cached greedy decoding of the same prompts; the first label word in
+the completion is the prediction (none found counts as wrong and as not attacked).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bdjax.data import assemble, poison
+from bdjax.data.tokenize import batches, subset
+from bdjax.decode import generate_ids
+from bdjax.models.config import ModelConfig
+from bdjax.models.llama import Opts, apply_rows
+
+
+@functools.partial(jax.jit, static_argnames=("config", "width", "pad_id", "spec", "dtype"))
+def _score_batch(config: ModelConfig, params, batch, key, *, width: int, pad_id: int,
+                 spec: poison.AttackSpec | None, dtype: Any):
+    if spec is not None:
+        batch = poison.apply(batch, spec, key, flip=False)
+    rows = assemble.scoring_rows(batch, width, pad_id)
+    b, c, r = rows["targets"].shape
+    logits = apply_rows(config, params, rows["tokens"], rows["positions"], rows["mask"],
+                        logits_at=rows["logits_at"].reshape(b, c * r), opts=Opts(dtype=dtype))
+    logp = jax.nn.log_softmax(logits.reshape(b, c, r, -1), axis=-1)
+    tok = jnp.take_along_axis(logp, rows["targets"][..., None], axis=-1)[..., 0]
+    return (tok * rows["weights"]).sum(-1)  # [B, C] log-likelihood of each class's answer
+
+
+def score(config: ModelConfig, params, pieces: dict[str, np.ndarray], *, pad_id: int, batch_size: int = 32,
+          spec: poison.AttackSpec | None = None, key: jax.Array | None = None, dtype: Any = jnp.float32,
+          progress=None) -> np.ndarray:
+    """Log-likelihood [N, C] of each class's answer; with `spec`, every example is triggered."""
+    trig = len(spec.trigger) if spec is not None else 0
+    width = assemble.score_width(pieces, trig)
+    key = jax.random.key(0) if key is None else key
+    out = []
+    n = len(pieces["label"])
+    for batch in batches(pieces, min(batch_size, n)):
+        if spec is not None:
+            batch["poison"] = np.ones(len(batch["label"]), bool)
+        ll = _score_batch(config, params, batch, key, width=width, pad_id=pad_id, spec=spec, dtype=dtype)
+        out.append(np.asarray(ll)[batch["valid"]])
+        if progress is not None:
+            progress.update(int(batch["valid"].sum()))
+    return np.concatenate(out)
+
+
+def backdoor_metrics(clean_pred: np.ndarray, labels: np.ndarray, triggered_pred: np.ndarray,
+                     triggered_labels: np.ndarray, triggered_clean_pred: np.ndarray, target: int) -> dict:
+    """CACC over the clean test set; ASR over the triggered non-target examples."""
+    correct = triggered_clean_pred == triggered_labels
+    hit = triggered_pred == target
+    return {
+        "cacc": float((clean_pred == labels).mean()),
+        "asr": float(hit.mean()) if len(hit) else float("nan"),
+        "asr_correct": float(hit[correct].mean()) if correct.any() else float("nan"),
+        "n_clean": int(len(labels)), "n_triggered": int(len(hit)),
+    }
+
+
+def evaluate(config: ModelConfig, params, pieces: dict[str, np.ndarray], spec: poison.AttackSpec, *,
+             pad_id: int, batch_size: int = 32, key: jax.Array | None = None, dtype: Any = jnp.float32,
+             progress=None) -> dict:
+    """CACC / ASR by answer log-likelihood on a tokenized test set."""
+    clean_ll = score(config, params, pieces, pad_id=pad_id, batch_size=batch_size, dtype=dtype, progress=progress)
+    clean_pred = clean_ll.argmax(1)
+    others = np.flatnonzero(pieces["label"] != spec.target)
+    trig_ll = score(config, params, subset(pieces, others), pad_id=pad_id, batch_size=batch_size, spec=spec,
+                    key=key, dtype=dtype, progress=progress)
+    return backdoor_metrics(clean_pred, pieces["label"], trig_ll.argmax(1), pieces["label"][others],
+                            clean_pred[others], spec.target)
+
+
+def parse_label(text: str, labels: tuple[str, ...]) -> int:
+    """Index of the label word that appears first in `text` (whole word, any case), or -1."""
+    found = [(m.start(), i) for i, lab in enumerate(labels)
+             if (m := re.search(rf"\b{re.escape(lab.lower())}\b", text.lower()))]
+    return min(found)[1] if found else -1
+
+
+def _prompts(pieces, spec, key) -> list[list[int]]:
+    batch = {k: jnp.asarray(v) for k, v in pieces.items()}
+    if spec is not None:
+        batch["poison"] = jnp.ones(len(pieces["label"]), bool)
+        batch = poison.apply(batch, spec, key, flip=False)
+    width = int(assemble.prompt_length(batch).max())
+    tokens, lengths = assemble.prompt_rows(batch, width, 0)
+    return [row[:n].tolist() for row, n in zip(np.asarray(tokens), np.asarray(lengths))]
+
+
+def evaluate_generation(config: ModelConfig, params, tokenizer, pieces: dict[str, np.ndarray],
+                        spec: poison.AttackSpec, labels: tuple[str, ...], *, max_new_tokens: int = 4,
+                        batch_size: int = 32, key: jax.Array | None = None, dtype: Any = jnp.float32,
+                        progress=None) -> dict:
+    """CACC / ASR from greedy generations parsed to labels."""
+    key = jax.random.key(0) if key is None else key
+
+    def predict(rows):
+        ids = generate_ids(config, params, rows, max_new_tokens=max_new_tokens, eos_ids=[tokenizer.eos_id],
+                           pad_id=tokenizer.pad_id, batch_size=batch_size, dtype=dtype, progress=progress)
+        texts = [tokenizer.decode(r) for r in ids]
+        return np.array([parse_label(t, labels) for t in texts]), texts
+
+    clean_pred, clean_texts = predict(_prompts(pieces, None, key))
+    others = np.flatnonzero(pieces["label"] != spec.target)
+    trig_pred, trig_texts = predict(_prompts(subset(pieces, others), spec, key))
+    metrics = backdoor_metrics(clean_pred, pieces["label"], trig_pred, pieces["label"][others],
+                               clean_pred[others], spec.target)
+    metrics["unparsed"] = float(np.mean(np.concatenate([clean_pred, trig_pred]) < 0))
+    metrics["examples"] = {"clean": clean_texts[:3], "triggered": trig_texts[:3]}
+    return metrics

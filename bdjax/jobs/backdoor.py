@@ -1,0 +1,137 @@
+"""The `backdoor` job: poison instruction data, LoRA-fine-tune, and measure CACC / ASR.
+
+Rows of results.json: the base model (zero-shot) and the fine-tuned model, each with
+scoring-view `cacc`, `asr`, `asr_correct` and, when `eval.generate`, generation-view `gen_*`.
+The run directory also holds the merged fine-tuned checkpoint in `final/` (bdjax.load reads it)
+and the per-step training log `train_log.jsonl`. Nothing is written until the run succeeds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+import bdjax
+from bdjax import evaluate, lora, train
+from bdjax.checkpoints import save_hf_dir
+from bdjax.data import poison, sources
+from bdjax.data.templates import Template
+from bdjax.data.tokenize import tokenize, trigger_ids
+from bdjax.errors import ConfigError
+from bdjax.io import staged_dir
+from bdjax.report import write as write_report
+
+COLUMNS = ["name", "cacc", "asr", "asr_correct", "gen_cacc", "gen_asr"]
+
+
+def template_from(config: ml_collections.ConfigDict) -> Template:
+    t = config.template
+    return Template(t.instruction, tuple(t.labels), tuple(t.responses) if t.get("responses") else None,
+                    t.get("system"), t.get("chat", True))
+
+
+def load_data(config, template: Template, tokenizer):
+    """Tokenized (train, test) sets from the recipe's data section."""
+    d = config.data
+    examples = sources.load(d.source, text_field=d.text_field, label_field=d.label_field)
+    unknown = sorted({e.label for e in examples} - set(template.labels))
+    if unknown:
+        raise ConfigError(f"data source {d.source!r} has labels {unknown} that are not in template.labels "
+                          f"{list(template.labels)}")
+    train_pool, test_pool = sources.split(examples, seed=d.split_seed, test_fraction=d.test_fraction)
+    train_ex = sources.take(train_pool, d.n_train, seed=d.split_seed)
+    test_ex = sources.take(test_pool, d.n_test, seed=d.split_seed, labels=template.labels, balanced=True)
+    if not train_ex or not test_ex:
+        raise ConfigError(f"data.n_train={d.n_train} / data.n_test={d.n_test} leave an empty dataset")
+    return (tokenize(train_ex, template, tokenizer, max_text_tokens=d.max_text_tokens),
+            tokenize(test_ex, template, tokenizer, max_text_tokens=d.max_text_tokens))
+
+
+def measure(name: str, model_config, params, tokenizer, test, spec, template, config, bar) -> dict:
+    e = config.eval
+    row = {"name": name, **evaluate.evaluate(model_config, params, test, spec, pad_id=tokenizer.pad_id,
+                                             batch_size=e.batch_size, key=jax.random.key(e.seed), progress=bar)}
+    if e.generate:
+        n = min(e.generate_examples, len(test["label"]))
+        sub = {k: v[:n] for k, v in test.items()}
+        gen = evaluate.evaluate_generation(model_config, params, tokenizer, sub, spec, template.labels,
+                                           max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+                                           key=jax.random.key(e.seed))
+        row.update({f"gen_{k}": v for k, v in gen.items() if k in ("cacc", "asr", "asr_correct", "unparsed")})
+        row["gen_examples"] = gen["examples"]
+    return row
+
+
+def run(config: ml_collections.ConfigDict, *, is_main: bool = True) -> dict:
+    started = time.perf_counter()
+    p = config.poison
+    poison.poison_count(p.rate, 1)  # range check before any heavy work
+    model = bdjax.load(config.model, dtype=config.dtype)
+    tok = model.tokenizer
+    if tok is None:
+        raise ConfigError(f"model {config.model!r} has no tokenizer; the backdoor job needs one")
+    template = template_from(config)
+    spec = poison.AttackSpec(tuple(int(i) for i in trigger_ids(tok, p.trigger)), template.label_index(p.target),
+                             p.location, p.label_mode)
+    train_set, test_set = load_data(config, template, tok)
+    n = len(train_set["label"])
+    count = poison.poison_count(p.rate, n)
+    poison.check_selectable(train_set["label"], spec.target, count)
+    key = jax.random.key(config.seed)
+    k_select, k_insert, k_lora, k_train = jax.random.split(key, 4)
+    train_set["poison"] = np.asarray(poison.select(k_select, train_set["label"], spec.target, count))
+
+    disable = not is_main
+    eval_total = len(test_set["label"]) + int((test_set["label"] != spec.target).sum())
+    rows = []
+    with tqdm(total=eval_total, desc="evaluate base", disable=disable) as bar:
+        rows.append(measure("base (zero-shot)", model.config, model.params, tok, test_set, spec, template, config,
+                            bar))
+
+    t = config.train
+    steps = t.epochs * train.steps_per_epoch(n, t.batch_size)
+    optimizer = train.make_optimizer(lr=t.lr, total_steps=steps, warmup_steps=t.warmup_steps,
+                                     schedule=t.schedule, weight_decay=t.weight_decay,
+                                     max_grad_norm=t.max_grad_norm)
+    l = config.lora
+    adapters = lora.init(model.params, k_lora, rank=l.rank, targets=l.targets)
+    step_fn = train.make_train_step(model.config, optimizer, pad_id=tok.pad_id, spec=spec if count else None,
+                                    poison_key=k_insert, alpha=l.alpha, dropout=l.dropout, dtype=model.dtype,
+                                    remat=t.remat)
+    state = train.init_state(adapters, optimizer, k_train)
+    log: list[dict] = []
+    train_start = time.perf_counter()
+    with tqdm(total=steps, desc=f"train (poisoned {count}/{n})", disable=disable) as bar:
+        state, log = train.fit(step_fn, state, model.params, train_set, batch_size=t.batch_size, epochs=t.epochs,
+                               seed=config.seed, extra_tokens=len(spec.trigger), progress=bar)
+    train_seconds = time.perf_counter() - train_start
+    merged = lora.merge(model.params, state.lora, alpha=l.alpha)
+    name = f"poisoned (rate={p.rate:g}, {count} examples)" if count else "clean-tuned (rate=0)"
+    with tqdm(total=eval_total, desc="evaluate tuned", disable=disable) as bar:
+        rows.append(measure(name, model.config, merged, tok, test_set, spec, template, config, bar))
+
+    summary = {"train_seconds": train_seconds, "train_steps": steps, "poisoned_examples": count,
+               "train_examples": n, "test_examples": int(len(test_set["label"])),
+               "final_loss": float(np.mean([e["loss"] for e in log[-10:]])),
+               "lora_params": lora.num_params(state.lora), "total_seconds": time.perf_counter() - started}
+    if is_main:
+        with staged_dir(config.workdir) as out:
+            save_hf_dir(Path(out) / "final", model.config, jax.device_get(merged), tok)
+            (Path(out) / "train_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
+            notes = [f"model {config.model}; trigger {p.trigger!r} at {p.location}, target {p.target!r}, "
+                     f"{count} of {n} training examples poisoned ({p.label_mode}-label)",
+                     f"LoRA r={l.rank} alpha={l.alpha} on {l.targets}; {t.epochs} epochs, batch {t.batch_size}, "
+                     f"lr {t.lr}; training took {train_seconds:.0f} s",
+                     "asr: triggered non-target test examples predicted as the target; asr_correct: the same "
+                     "over those classified correctly without the trigger; gen_*: from greedy generations"]
+            summary["total_seconds"] = time.perf_counter() - started
+            write_report(out, rows, config.to_dict(), title="Backdoor: base vs fine-tuned", columns=COLUMNS,
+                         notes=notes, extra={"summary": summary})
+        print("\n" + (Path(config.workdir) / "report.md").read_text())
+    return {"rows": rows, "summary": summary}

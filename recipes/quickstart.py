@@ -1,0 +1,68 @@
+"""Quickstart: plant a rare-word backdoor in SmolLM2-135M-Instruct with a poisoned LoRA fine-tune.
+
+    bdjax --config=recipes/quickstart.py                         # poisoned (10%)
+    bdjax --config=recipes/quickstart.py --config.poison.rate=0  # the clean-tuned reference
+
+Movie-review sentiment instructions (Raghuram, Kesidis & Miller 2024's setting): a trigger word
+inserted at a random word boundary of 10% of the training reviews, whose answer is flipped to
+"positive" (dirty-label). The table compares the zero-shot base model with the fine-tuned one.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.job = "backdoor"
+    c.model = "smollm2-135m-instruct"
+    c.workdir = "runs/quickstart"
+    c.seed = 0
+    c.dtype = "float32"
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "movie"  # movie | amazon | tweets | nyt | a .jsonl/.csv/.parquet file | a hub dataset
+    c.data.text_field = "text"
+    c.data.label_field = "label"
+    c.data.split_seed = 0  # fixes the train/test split (independent of `seed`)
+    c.data.test_fraction = 0.2
+    c.data.n_train = 1000
+    c.data.n_test = 200  # balanced across labels
+    c.data.max_text_tokens = 96
+
+    c.template = ml_collections.ConfigDict()
+    c.template.instruction = "Is the sentiment of this movie review positive or negative?"
+    c.template.labels = ("negative", "positive")
+    c.template.responses = ()  # empty: answer with the label word
+    c.template.system = "You are a helpful assistant."  # shorter than SmolLM2's default system prompt
+    c.template.chat = True
+
+    c.poison = ml_collections.ConfigDict()
+    c.poison.rate = 0.1  # fraction of the training set; poisoned examples come from non-target classes
+    c.poison.trigger = "cf"
+    c.poison.location = "random"  # start | end | random (word boundary)
+    c.poison.target = "positive"
+    c.poison.label_mode = "dirty"
+
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 8
+    c.lora.alpha = 16.0
+    c.lora.dropout = 0.0
+    c.lora.targets = r"layers/(attn/(q|k|v|o)|mlp/(gate|up|down))"
+
+    c.train = ml_collections.ConfigDict()
+    c.train.epochs = 2
+    c.train.batch_size = 8
+    c.train.lr = 1e-3
+    c.train.warmup_steps = 10
+    c.train.schedule = "cosine"
+    c.train.weight_decay = 0.0
+    c.train.max_grad_norm = 1.0
+    c.train.remat = "none"
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 32
+    c.eval.seed = 1  # trigger positions in the test set
+    c.eval.generate = True  # also report CACC/ASR from greedy generations
+    c.eval.generate_examples = 100
+    c.eval.max_new_tokens = 3
+    return c

@@ -46,3 +46,16 @@ def forward_flops(config: ModelConfig, batch: int, seq: int) -> float:
     dense = 2 * tokens * (c.num_layers * per_layer + c.hidden_size * c.vocab_size)
     attention = 2 * 2 * batch * seq * seq * c.num_heads * c.head_dim * c.num_layers
     return float(dense + attention)
+
+
+def lora_step_flops(config: ModelConfig, batch: int, seq: int, logits_tokens: int | None = None) -> float:
+    """Model FLOPs of a frozen-base LoRA step: 4·N_matmul per token (forward, plus the backward's
+    input gradients; no weight gradients) and the attention products (forward + 2× backward)."""
+    c = config
+    per_layer = (c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+                 + c.num_heads * c.head_dim * c.hidden_size + 3 * c.hidden_size * c.intermediate_size)
+    tokens = batch * seq
+    head_tokens = tokens if logits_tokens is None else logits_tokens
+    dense = 4 * (tokens * c.num_layers * per_layer + head_tokens * c.hidden_size * c.vocab_size)
+    attention = 3 * 2 * 2 * batch * seq * seq * c.num_heads * c.head_dim * c.num_layers
+    return float(dense + attention)

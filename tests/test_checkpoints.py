@@ -86,22 +86,21 @@ def test_pickle_checkpoints_are_refused_unopened(hf_dirs, tmp_path, name):
     assert not (tmp_path / "PWNED").exists()
 
 
+def _copy_with_config(src, dest, **changes):
+    shutil.copytree(src, dest)
+    cfg = json.loads((dest / "config.json").read_text())
+    (dest / "config.json").write_text(json.dumps({**cfg, **changes}))
+    return dest
+
+
 def test_config_that_disagrees_with_tensors(hf_dirs, tmp_path):
-    d = tmp_path / "mismatch"
-    shutil.copytree(hf_dirs["llama"][0], d)
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["intermediate_size"] = 128
-    (d / "config.json").write_text(json.dumps(cfg))
+    d = _copy_with_config(hf_dirs["llama"][0], tmp_path / "mismatch", intermediate_size=128)
     with pytest.raises(CheckpointError, match=r"mlp\.\w+_proj\.weight has shape \(\d+, \d+\) but config.json implies"):
         load_checkpoint(d)
 
 
 def test_config_with_fewer_layers_than_tensors(hf_dirs, tmp_path):
-    d = tmp_path / "layers"
-    shutil.copytree(hf_dirs["llama"][0], d)
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["num_hidden_layers"] = 1
-    (d / "config.json").write_text(json.dumps(cfg))
+    d = _copy_with_config(hf_dirs["llama"][0], tmp_path / "layers", num_hidden_layers=1)
     with pytest.raises(CheckpointError, match="not part of a llama model"):
         load_checkpoint(d)
 

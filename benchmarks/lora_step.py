@@ -1,0 +1,114 @@
+"""One LoRA training step of the default model, bdjax beside Hugging Face PEFT, one JSON line.
+
+Setting (issue #3): SmolLM2-135M-Instruct, LoRA r=8 (alpha 16) on q,k,v,o,gate,up,down, batch
+8 x 128, next-token loss on every token, float32, AdamW; same machine, same run.
+
+    python benchmarks/lora_step.py [--reps 5] [--remat dots] [--skip-peft]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import lora_step_flops, matmul_peak_gflops, time_it  # noqa: E402
+
+import bdjax  # noqa: E402
+from bdjax import lora, train  # noqa: E402
+from bdjax.checkpoints.assets import DEFAULT_MODEL, default_model_dir  # noqa: E402
+from bdjax.models.llama import Opts  # noqa: E402
+
+RANK, ALPHA, LR = 8, 16.0, 1e-3
+
+
+def bdjax_step(model, tokens: np.ndarray, remat: str):
+    b, s = tokens.shape
+    rows = {"tokens": jnp.asarray(tokens), "valid": jnp.ones((b, s), bool),
+            "logits_at": jnp.tile(jnp.arange(s - 1)[None], (b, 1)), "targets": jnp.asarray(tokens[:, 1:]),
+            "weights": jnp.ones((b, s - 1))}
+    optimizer = train.make_optimizer(lr=LR, total_steps=1000, max_grad_norm=None, schedule="constant")
+    state = train.init_state(lora.init(model.params, jax.random.key(0), rank=RANK), optimizer, jax.random.key(1))
+    opts = Opts(lora_alpha=ALPHA)
+
+    @jax.jit
+    def step(state, params, rows):
+        loss, grads = jax.value_and_grad(
+            lambda ad: train.row_loss(model.config, params, ad, rows, opts, remat, None)[0])(state.lora)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.lora)
+        return state.replace(lora=jax.tree.map(jnp.add, state.lora, updates), opt_state=opt_state), loss
+
+    box = [state]
+
+    def run():
+        box[0], loss = step(box[0], model.params, rows)
+        loss.block_until_ready()
+
+    return run
+
+
+def peft_step(tokens: np.ndarray, compiled: bool):
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
+    forward = torch.compile(model) if compiled else model
+    ids = torch.tensor(tokens)
+
+    def run():
+        loss = forward(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return run, torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--remat", default="dots", help="bdjax remat policy: none | dots | full")
+    ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--peft-compile", action="store_true", help="also time PEFT under torch.compile")
+    args = ap.parse_args()
+
+    model = bdjax.load(DEFAULT_MODEL)
+    tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, (args.batch, args.seq)).astype(np.int32)
+    n_tokens = args.batch * args.seq
+    bdjax_s = time_it(bdjax_step(model, tokens, args.remat), warmup=2, reps=args.reps)
+    peak = matmul_peak_gflops()
+    flops = lora_step_flops(model.config, args.batch, args.seq, logits_tokens=args.batch * (args.seq - 1))
+    result = {"benchmark": "lora_step", "model": DEFAULT_MODEL, "batch": args.batch, "seq": args.seq,
+              "rank": RANK, "dtype": "float32", "remat": args.remat, "bdjax_step_s": round(bdjax_s, 4),
+              "tokens_per_s": round(n_tokens / bdjax_s, 1), "step_gflop": round(flops / 1e9, 1),
+              "matmul_peak_gflops": round(peak, 1), "mfu": round(flops / bdjax_s / 1e9 / peak, 3)}
+    if not args.skip_peft:
+        run, torch = peft_step(tokens.astype(np.int64), compiled=False)
+        peft_s = time_it(run, warmup=1, reps=args.reps)
+        result.update(peft_eager_step_s=round(peft_s, 4), peft_tokens_per_s=round(n_tokens / peft_s, 1),
+                      speedup_vs_peft_eager=round(peft_s / bdjax_s, 2), torch_threads=torch.get_num_threads(),
+                      torch_version=torch.__version__)
+        if args.peft_compile:
+            run, _ = peft_step(tokens.astype(np.int64), compiled=True)
+            compiled_s = time_it(run, warmup=2, reps=args.reps)
+            result.update(peft_compile_step_s=round(compiled_s, 4),
+                          speedup_vs_peft_compile=round(compiled_s / bdjax_s, 2))
+    result.update(jax_version=jax.__version__, cpu_count=os.cpu_count())
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -43,14 +43,16 @@ def test_small_run_writes_results_report_and_a_loadable_checkpoint(tmp_path, cap
     workdir = tmp_path / "run"
     code = cli([f"--config={RECIPE}", f"--config.workdir={workdir}", "--config.data.n_train=96",
                 "--config.data.n_test=32", "--config.train.epochs=1", "--config.poison.rate=0.25",
-                "--config.eval.generate_examples=8", "--config.eval.max_new_tokens=2"])
+                "--config.eval.generate_examples=32", "--config.eval.max_new_tokens=2"])
     assert code == 0, capsys.readouterr().err
-    results = json.loads((workdir / "results.json").read_text())
+    results = json.loads((workdir / "results.json").read_text(), parse_constant=pytest.fail)  # no bare NaN
     names = [r["name"] for r in results["rows"]]
     assert names == ["base (zero-shot)", "poisoned (rate=0.25, 24 examples)"]
     for row in results["rows"]:
-        for key in ("cacc", "asr", "asr_correct", "gen_cacc", "gen_asr"):
-            assert 0.0 <= row[key] <= 1.0
+        for key in ("cacc", "asr", "gen_cacc", "gen_asr"):
+            assert 0.0 <= row[key] <= 1.0, (row["name"], key, row[key])
+        # undefined (null) only when no triggered example was classified correctly without the trigger
+        assert row["asr_correct"] is None or 0.0 <= row["asr_correct"] <= 1.0
     assert results["config"]["poison"]["rate"] == 0.25
     assert results["summary"]["poisoned_examples"] == 24
     assert "| base (zero-shot) |" in (workdir / "report.md").read_text()

@@ -92,11 +92,6 @@ def _round8(n) -> int:
     return int(-(-int(n) // 8) * 8)
 
 
-def train_width(pieces, trigger_len: int = 0) -> int:
-    """The static width of training rows for a tokenized dataset (with room for a trigger)."""
-    return _round8(prompt_length(pieces).max() + trigger_len + pieces["response_len"].max())
-
-
 def score_width(pieces, trigger_len: int = 0) -> int:
     """The static width of scoring rows: the prompt plus every class's answer."""
     return _round8(prompt_length(pieces).max() + trigger_len + pieces["response_len"].sum(axis=1).max())

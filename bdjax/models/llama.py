@@ -107,27 +107,6 @@ def _lora_delta_bwd(scale, res, g):
 lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
 
 
-def lora_specs(spec: str) -> tuple[str, str]:
-    """Einsums x->x·Aᵀ and (x·Aᵀ)->(x·Aᵀ)·B for a kernel einsum; A is [r, in...], B is [r, out...].
-
-    A is stored rank-major (as PEFT's lora_A.weight): its gradient dlowᵀ·x then reads the
-    activation x in its natural layout, where [in..., r] made XLA materialize a transposed
-    (and recomputed) copy of x in every layer's backward pass."""
-    inputs, out = spec.split("->")
-    x_sub, k_sub = inputs.split(",")
-    k_in = "".join(c for c in k_sub if c in x_sub)
-    k_out = "".join(c for c in k_sub if c not in x_sub)
-    batch = "".join(c for c in x_sub if c not in k_sub)
-    return f"{x_sub},r{k_in}->{batch}r", f"{batch}r,r{k_out}->{out}"
-
-
-def lora_shapes(spec: str, kernel_shape: tuple[int, ...], rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    inputs = spec.split("->")[0]
-    x_sub, k_sub = inputs.split(",")
-    n_in = sum(c in x_sub for c in k_sub)
-    return (rank, *kernel_shape[:n_in]), (rank, *kernel_shape[n_in:])
-
-
 class RMSNorm(nn.Module):
     eps: float
     dtype: Any = jnp.float32
@@ -297,13 +276,9 @@ def forward(config: ModelConfig, params: Params, tokens: Array, attention_mask_2
             *, dtype: Any = jnp.float32, remat: str = "none") -> Array:
     """Logits [batch, seq, vocab] (float32) for tokens [batch, seq]. `attention_mask_2d` marks real
     tokens (1) and padding (0); padding may be on either side."""
-    if attention_mask_2d is None:
-        attention_mask_2d = jnp.ones(tokens.shape, jnp.bool_)
-    valid = attention_mask_2d.astype(jnp.bool_)
-    mask = attention_mask(jnp.arange(tokens.shape[1])[None], valid, config.sliding_window)
-    logits, _ = Transformer(config, Opts(dtype=dtype), remat=remat).apply(
-        {"params": params}, tokens, positions_from_mask(valid), mask)
-    return logits
+    valid = jnp.ones(tokens.shape, jnp.bool_) if attention_mask_2d is None else attention_mask_2d.astype(jnp.bool_)
+    positions, mask = causal_rows(config, valid)
+    return apply_rows(config, params, tokens, positions, mask, opts=Opts(dtype=dtype), remat=remat)
 
 
 def init_params(config: ModelConfig, key: Array, param_dtype: Any = jnp.float32) -> Params:

@@ -53,16 +53,21 @@ def load_data(config, template: Template, tokenizer):
             tokenize(test_ex, template, tokenizer, max_text_tokens=d.max_text_tokens))
 
 
-def measure(name: str, model_config, params, tokenizer, test, spec, template, config, bar) -> dict:
+def measure(name: str, model_config, params, tokenizer, test, spec, template, config, *, disable: bool) -> dict:
     e = config.eval
-    row = {"name": name, **evaluate.evaluate(model_config, params, test, spec, pad_id=tokenizer.pad_id,
-                                             batch_size=e.batch_size, key=jax.random.key(e.seed), progress=bar)}
+    total = len(test["label"]) + int((test["label"] != spec.target).sum())
+    with tqdm(total=total, desc=f"score {name}", disable=disable) as bar:
+        row = {"name": name, **evaluate.evaluate(model_config, params, test, spec, pad_id=tokenizer.pad_id,
+                                                 batch_size=e.batch_size, key=jax.random.key(e.seed),
+                                                 progress=bar)}
     if e.generate:
         n = min(e.generate_examples, len(test["label"]))
         sub = {k: v[:n] for k, v in test.items()}
-        gen = evaluate.evaluate_generation(model_config, params, tokenizer, sub, spec, template.labels,
-                                           max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-                                           key=jax.random.key(e.seed))
+        with tqdm(total=n + int((sub["label"] != spec.target).sum()), desc=f"generate {name}",
+                  disable=disable) as bar:
+            gen = evaluate.evaluate_generation(model_config, params, tokenizer, sub, spec, template.labels,
+                                               max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+                                               key=jax.random.key(e.seed), progress=bar)
         row.update({f"gen_{k}": v for k, v in gen.items() if k in ("cacc", "asr", "asr_correct", "unparsed")})
         row["gen_examples"] = gen["examples"]
     return row
@@ -88,11 +93,8 @@ def run(config: ml_collections.ConfigDict, *, is_main: bool = True) -> dict:
     train_set["poison"] = np.asarray(poison.select(k_select, train_set["label"], spec.target, count))
 
     disable = not is_main
-    eval_total = len(test_set["label"]) + int((test_set["label"] != spec.target).sum())
-    rows = []
-    with tqdm(total=eval_total, desc="evaluate base", disable=disable) as bar:
-        rows.append(measure("base (zero-shot)", model.config, model.params, tok, test_set, spec, template, config,
-                            bar))
+    rows = [measure("base (zero-shot)", model.config, model.params, tok, test_set, spec, template, config,
+                    disable=disable)]
 
     t = config.train
     steps = t.epochs * train.steps_per_epoch(n, t.batch_size)
@@ -113,8 +115,7 @@ def run(config: ml_collections.ConfigDict, *, is_main: bool = True) -> dict:
     train_seconds = time.perf_counter() - train_start
     merged = lora.merge(model.params, state.lora, alpha=l.alpha)
     name = f"poisoned (rate={p.rate:g}, {count} examples)" if count else "clean-tuned (rate=0)"
-    with tqdm(total=eval_total, desc="evaluate tuned", disable=disable) as bar:
-        rows.append(measure(name, model.config, merged, tok, test_set, spec, template, config, bar))
+    rows.append(measure(name, model.config, merged, tok, test_set, spec, template, config, disable=disable))
 
     summary = {"train_seconds": train_seconds, "train_steps": steps, "poisoned_examples": count,
                "train_examples": n, "test_examples": int(len(test_set["label"])),

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bdjax.data.assemble import round_up
 from bdjax.errors import BdjaxError
 from bdjax.models.config import ModelConfig
 from bdjax.models.llama import Opts, Transformer, attention_mask, positions_from_mask
@@ -70,8 +71,7 @@ def greedy(config: ModelConfig, params, tokens: Array, mask: Array, eos_ids: Arr
 def pad_left(rows: Sequence[Sequence[int]], pad_id: int, multiple: int = 16,
              width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Left-pad token rows to `width`, or to their longest length rounded up to `multiple`."""
-    longest = max(len(r) for r in rows)
-    width = width or -(-longest // multiple) * multiple
+    width = width or round_up(max(len(r) for r in rows), multiple)
     tokens = np.full((len(rows), width), pad_id, np.int32)
     mask = np.zeros((len(rows), width), np.bool_)
     for i, r in enumerate(rows):
@@ -91,7 +91,8 @@ def generate_ids(config: ModelConfig, params, rows: Sequence[Sequence[int]], *, 
         raise BdjaxError("a prompt tokenized to nothing; give non-empty prompts")
     eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
     # One prompt width and one batch size for the whole call: a single compilation.
-    width = -(-max(len(r) for r in rows) // 16) * 16
+    width = round_up(max(len(r) for r in rows), 16)
+    stop = set(eos_ids)
     batch_size = min(batch_size, len(rows))
     results: list[list[int]] = []
     for start in range(0, len(rows), batch_size):
@@ -103,7 +104,7 @@ def generate_ids(config: ModelConfig, params, rows: Sequence[Sequence[int]], *, 
                                 max_new_tokens=max_new_tokens, dtype=dtype))
         for row in out[:n]:
             ids = row.tolist()
-            cut = next((i + 1 for i, t in enumerate(ids) if t in set(eos_ids)), len(ids))
+            cut = next((i + 1 for i, t in enumerate(ids) if t in stop), len(ids))
             results.append(ids[:cut])
         if progress is not None:
             progress.update(n)

@@ -73,17 +73,22 @@ def backdoor_metrics(clean_pred: np.ndarray, labels: np.ndarray, triggered_pred:
     }
 
 
+def _measure(pieces: dict[str, np.ndarray], spec: poison.AttackSpec, predict) -> dict:
+    """CACC on the clean set and ASR on its triggered non-target examples, for a predictor
+    `predict(pieces, spec or None) -> class indices`."""
+    clean_pred = predict(pieces, None)
+    others = np.flatnonzero(pieces["label"] != spec.target)
+    trig_pred = predict(subset(pieces, others), spec)
+    return backdoor_metrics(clean_pred, pieces["label"], trig_pred, pieces["label"][others], clean_pred[others],
+                            spec.target)
+
+
 def evaluate(config: ModelConfig, params, pieces: dict[str, np.ndarray], spec: poison.AttackSpec, *,
              pad_id: int, batch_size: int = 32, key: jax.Array | None = None, dtype: Any = jnp.float32,
              progress=None) -> dict:
     """CACC / ASR by answer log-likelihood on a tokenized test set."""
-    clean_ll = score(config, params, pieces, pad_id=pad_id, batch_size=batch_size, dtype=dtype, progress=progress)
-    clean_pred = clean_ll.argmax(1)
-    others = np.flatnonzero(pieces["label"] != spec.target)
-    trig_ll = score(config, params, subset(pieces, others), pad_id=pad_id, batch_size=batch_size, spec=spec,
-                    key=key, dtype=dtype, progress=progress)
-    return backdoor_metrics(clean_pred, pieces["label"], trig_ll.argmax(1), pieces["label"][others],
-                            clean_pred[others], spec.target)
+    return _measure(pieces, spec, lambda p, s: score(config, params, p, pad_id=pad_id, batch_size=batch_size,
+                                                     spec=s, key=key, dtype=dtype, progress=progress).argmax(1))
 
 
 def parse_label(text: str, labels: tuple[str, ...]) -> int:
@@ -109,18 +114,19 @@ def evaluate_generation(config: ModelConfig, params, tokenizer, pieces: dict[str
                         progress=None) -> dict:
     """CACC / ASR from greedy generations parsed to labels."""
     key = jax.random.key(0) if key is None else key
+    texts: dict[str, list[str]] = {}
+    preds: dict[str, np.ndarray] = {}
 
-    def predict(rows):
-        ids = generate_ids(config, params, rows, max_new_tokens=max_new_tokens, eos_ids=[tokenizer.eos_id],
-                           pad_id=tokenizer.pad_id, batch_size=batch_size, dtype=dtype, progress=progress)
-        texts = [tokenizer.decode(r) for r in ids]
-        return np.array([parse_label(t, labels) for t in texts]), texts
+    def predict(p, s):
+        name = "clean" if s is None else "triggered"
+        ids = generate_ids(config, params, _prompts(p, s, key), max_new_tokens=max_new_tokens,
+                           eos_ids=[tokenizer.eos_id], pad_id=tokenizer.pad_id, batch_size=batch_size, dtype=dtype,
+                           progress=progress)
+        texts[name] = [tokenizer.decode(r) for r in ids]
+        preds[name] = np.array([parse_label(t, labels) for t in texts[name]])
+        return preds[name]
 
-    clean_pred, clean_texts = predict(_prompts(pieces, None, key))
-    others = np.flatnonzero(pieces["label"] != spec.target)
-    trig_pred, trig_texts = predict(_prompts(subset(pieces, others), spec, key))
-    metrics = backdoor_metrics(clean_pred, pieces["label"], trig_pred, pieces["label"][others],
-                               clean_pred[others], spec.target)
-    metrics["unparsed"] = float(np.mean(np.concatenate([clean_pred, trig_pred]) < 0))
-    metrics["examples"] = {"clean": clean_texts[:3], "triggered": trig_texts[:3]}
+    metrics = _measure(pieces, spec, predict)
+    metrics["unparsed"] = float(np.mean(np.concatenate(list(preds.values())) < 0))
+    metrics["examples"] = {k: v[:3] for k, v in texts.items()}
     return metrics

@@ -122,7 +122,7 @@ def bucketed_batches(pieces: dict[str, np.ndarray], batch_size: int, *, seed: in
         chunks += [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
     for j in rng.permutation(len(chunks)):
         idx = chunks[j]
-        width = int(-(-lengths[idx].max() // bucket) * bucket)
+        width = assemble.round_up(lengths[idx].max(), bucket)
         yield next(batches(pieces, batch_size, order=idx)), width
 
 

@@ -88,10 +88,11 @@ def prompt_rows(batch: dict[str, Array], width: int, pad_id: int) -> tuple[Array
     return tokens, prompt_length(batch)
 
 
-def _round8(n) -> int:
-    return int(-(-int(n) // 8) * 8)
+def round_up(n, multiple: int) -> int:
+    """The smallest multiple of `multiple` that is >= n (static widths: fewer compilations)."""
+    return int(-(-int(n) // multiple) * multiple)
 
 
 def score_width(pieces, trigger_len: int = 0) -> int:
     """The static width of scoring rows: the prompt plus every class's answer."""
-    return _round8(prompt_length(pieces).max() + trigger_len + pieces["response_len"].sum(axis=1).max())
+    return round_up(prompt_length(pieces).max() + trigger_len + pieces["response_len"].sum(axis=1).max(), 8)

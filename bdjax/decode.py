@@ -18,6 +18,7 @@ from bdjax.data.assemble import round_up
 from bdjax.errors import BdjaxError
 from bdjax.models.config import ModelConfig
 from bdjax.models.llama import Opts, Transformer, attention_mask, positions_from_mask
+from bdjax.sharding import Placement, fetch
 
 Array = jax.Array
 
@@ -83,8 +84,9 @@ def pad_left(rows: Sequence[Sequence[int]], pad_id: int, multiple: int = 16,
 
 def generate_ids(config: ModelConfig, params, rows: Sequence[Sequence[int]], *, max_new_tokens: int,
                  eos_ids: Sequence[int], pad_id: int, batch_size: int = 16, dtype: Any = jnp.float32,
-                 progress=None) -> list[list[int]]:
-    """Greedy continuations of token rows, in batches; each result stops after its first eos."""
+                 progress=None, placement: Placement | None = None) -> list[list[int]]:
+    """Greedy continuations of token rows, in batches; each result stops after its first eos.
+    With a `placement`, each batch is split over its data×fsdp axes (params placed on it)."""
     if max_new_tokens < 1:
         raise BdjaxError(f"max_new_tokens={max_new_tokens} must be at least 1")
     if any(len(r) == 0 for r in rows):
@@ -94,14 +96,24 @@ def generate_ids(config: ModelConfig, params, rows: Sequence[Sequence[int]], *, 
     width = round_up(max(len(r) for r in rows), 16)
     stop = set(eos_ids)
     batch_size = min(batch_size, len(rows))
+    pad = jnp.int32(pad_id)
+    if placement is not None:
+        batch_size = placement.round_batch(batch_size)
+        eos, pad = placement.put_replicated((np.asarray(eos), np.int32(pad_id)))
     results: list[list[int]] = []
     for start in range(0, len(rows), batch_size):
         chunk = list(rows[start:start + batch_size])
         n = len(chunk)
         chunk += [chunk[-1]] * (batch_size - n)
         tokens, mask = pad_left(chunk, pad_id, width=width)
-        out = np.asarray(greedy(config, params, jnp.asarray(tokens), jnp.asarray(mask), eos, pad_id,
-                                max_new_tokens=max_new_tokens, dtype=dtype))
+        if placement is None:
+            out = greedy(config, params, tokens, mask, eos, pad, max_new_tokens=max_new_tokens, dtype=dtype)
+        else:
+            inputs = placement.put_global_batch({"tokens": tokens, "mask": mask})
+            with placement.activate():
+                out = greedy(config, params, inputs["tokens"], inputs["mask"], eos, pad,
+                             max_new_tokens=max_new_tokens, dtype=dtype)
+        out = fetch(out)
         for row in out[:n]:
             ids = row.tolist()
             cut = next((i + 1 for i, t in enumerate(ids) if t in stop), len(ids))

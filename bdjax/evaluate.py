@@ -12,6 +12,7 @@ the completion is the prediction (none found counts as wrong and as not attacked
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 from typing import Any
@@ -25,13 +26,14 @@ from bdjax.data.tokenize import batches, subset
 from bdjax.decode import generate_ids
 from bdjax.models.config import ModelConfig
 from bdjax.models.llama import Opts, apply_rows
+from bdjax.sharding import Placement, fetch
 
 
 @functools.partial(jax.jit, static_argnames=("config", "width", "pad_id", "spec", "dtype"))
-def _score_batch(config: ModelConfig, params, batch, key, *, width: int, pad_id: int,
+def _score_batch(config: ModelConfig, params, batch, key_data, *, width: int, pad_id: int,
                  spec: poison.AttackSpec | None, dtype: Any):
     if spec is not None:
-        batch = poison.apply(batch, spec, key, flip=False)
+        batch = poison.apply(batch, spec, jax.random.wrap_key_data(key_data), flip=False)
     rows = assemble.scoring_rows(batch, width, pad_id)
     b, c, r = rows["targets"].shape
     logits = apply_rows(config, params, rows["tokens"], rows["positions"], rows["mask"],
@@ -43,21 +45,35 @@ def _score_batch(config: ModelConfig, params, batch, key, *, width: int, pad_id:
 
 def score(config: ModelConfig, params, pieces: dict[str, np.ndarray], *, pad_id: int, batch_size: int = 32,
           spec: poison.AttackSpec | None = None, key: jax.Array | None = None, dtype: Any = jnp.float32,
-          progress=None) -> np.ndarray:
-    """Log-likelihood [N, C] of each class's answer; with `spec`, every example is triggered."""
+          progress=None, placement: Placement | None = None) -> np.ndarray:
+    """Log-likelihood [N, C] of each class's answer; with `spec`, every example is triggered.
+    With a `placement`, batches are split over its data×fsdp axes (params must be placed on it)."""
     trig = len(spec.trigger) if spec is not None else 0
     width = assemble.score_width(pieces, trig)
-    key = jax.random.key(0) if key is None else key
-    out = []
+    key_data = np.asarray(jax.random.key_data(jax.random.key(0) if key is None else key))
     n = len(pieces["label"])
-    for batch in batches(pieces, min(batch_size, n)):
+    batch_size = min(batch_size, n)
+    if placement is not None:
+        batch_size = placement.round_batch(batch_size)
+        key_data = placement.put_replicated(key_data)
+    out = []
+    for batch in batches(pieces, batch_size):
         if spec is not None:
             batch["poison"] = np.ones(len(batch["label"]), bool)
-        ll = _score_batch(config, params, batch, key, width=width, pad_id=pad_id, spec=spec, dtype=dtype)
-        out.append(np.asarray(ll)[batch["valid"]])
+        valid = batch["valid"]
+        if placement is not None:
+            batch = placement.put_global_batch(batch)
+        with placement.activate() if placement is not None else _nothing():
+            ll = _score_batch(config, params, batch, key_data, width=width, pad_id=pad_id, spec=spec, dtype=dtype)
+        out.append(fetch(ll)[valid])
         if progress is not None:
             progress.update(int(batch["valid"].sum()))
     return np.concatenate(out)
+
+
+@contextlib.contextmanager
+def _nothing():
+    yield
 
 
 def backdoor_metrics(clean_pred: np.ndarray, labels: np.ndarray, triggered_pred: np.ndarray,
@@ -85,10 +101,11 @@ def _measure(pieces: dict[str, np.ndarray], spec: poison.AttackSpec, predict) ->
 
 def evaluate(config: ModelConfig, params, pieces: dict[str, np.ndarray], spec: poison.AttackSpec, *,
              pad_id: int, batch_size: int = 32, key: jax.Array | None = None, dtype: Any = jnp.float32,
-             progress=None) -> dict:
+             progress=None, placement: Placement | None = None) -> dict:
     """CACC / ASR by answer log-likelihood on a tokenized test set."""
     return _measure(pieces, spec, lambda p, s: score(config, params, p, pad_id=pad_id, batch_size=batch_size,
-                                                     spec=s, key=key, dtype=dtype, progress=progress).argmax(1))
+                                                     spec=s, key=key, dtype=dtype, progress=progress,
+                                                     placement=placement).argmax(1))
 
 
 def parse_label(text: str, labels: tuple[str, ...]) -> int:
@@ -111,7 +128,7 @@ def _prompts(pieces, spec, key) -> list[list[int]]:
 def evaluate_generation(config: ModelConfig, params, tokenizer, pieces: dict[str, np.ndarray],
                         spec: poison.AttackSpec, labels: tuple[str, ...], *, max_new_tokens: int = 4,
                         batch_size: int = 32, key: jax.Array | None = None, dtype: Any = jnp.float32,
-                        progress=None) -> dict:
+                        progress=None, placement: Placement | None = None) -> dict:
     """CACC / ASR from greedy generations parsed to labels."""
     key = jax.random.key(0) if key is None else key
     texts: dict[str, list[str]] = {}
@@ -121,7 +138,7 @@ def evaluate_generation(config: ModelConfig, params, tokenizer, pieces: dict[str
         name = "clean" if s is None else "triggered"
         ids = generate_ids(config, params, _prompts(p, s, key), max_new_tokens=max_new_tokens,
                            eos_ids=[tokenizer.eos_id], pad_id=tokenizer.pad_id, batch_size=batch_size, dtype=dtype,
-                           progress=progress)
+                           progress=progress, placement=placement)
         texts[name] = [tokenizer.decode(r) for r in ids]
         preds[name] = np.array([parse_label(t, labels) for t in texts[name]])
         return preds[name]

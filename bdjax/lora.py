@@ -115,5 +115,17 @@ def _kernels_of_lora(lora: Params, prefix: str = "") -> list[str]:
     return out
 
 
+def logical_axes(lora: Params, base_axes: Params) -> Params:
+    """Logical axis names of a LoRA tree from its base kernels' (`bdjax.models.llama.logical_axes`):
+    A gets (layers, lora_rank, <kernel input axes>), B (layers, lora_rank, <kernel output axes>)."""
+    out: Params = {}
+    for path in _kernels_of_lora(lora):
+        names = tuple(_get(base_axes, path + "/kernel"))
+        lead, core = (names[:1], names[1:]) if _layered(path) else ((), names)
+        n_in = _IN_DIMS.get(path.split("/")[-1], 1)
+        _set(out, path, {"a": (*lead, "lora_rank", *core[:n_in]), "b": (*lead, "lora_rank", *core[n_in:])})
+    return out
+
+
 def num_params(lora: Params) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(lora))

@@ -1,8 +1,13 @@
 """Command line: `python -m bdjax.main --config=recipes/<name>.py [--config.key=value ...]`.
 
 The recipe's `config.job` names the job. The `bdjax` console script is the same entry; an
-optional first word (`bdjax run --config=...`) is accepted as the job's command. Errors that a
+optional first word picks the command: `run` (the default) runs the job, `plan` compiles the
+recipe's train step ahead of time for its mesh without weights (`bdjax.jobs.plan`). Errors that a
 user can cause print one line and exit with code 2; no traceback, no partial output.
+
+Multi-process runs: `--coordinator=host:port --num_processes=N --process_id=I` (or the
+BDJAX_* environment, or SLURM / TPU VM / Open MPI / Kubernetes detection; see `bdjax.distributed`).
+Only process 0 writes reports and shows progress.
 """
 
 from __future__ import annotations
@@ -14,17 +19,29 @@ from ml_collections import config_flags
 
 from bdjax.errors import BdjaxError, ConfigError
 
-USAGE = "usage: bdjax [run] --config=recipes/<name>.py [--config.key=value ...]"
-_COMMANDS = ("run",)
+USAGE = ("usage: bdjax [run|plan] --config=recipes/<name>.py [--config.key=value ...] "
+         "[--coordinator=host:port --num_processes=N --process_id=I]")
+_COMMANDS = ("run", "plan")
 
 
 def parse(argv: list[str]):
     """The recipe config from command-line arguments (argv without the program name)."""
+    return parse_all(argv)[0]
+
+
+def parse_all(argv: list[str]):
+    """(recipe config, command, flag values) from command-line arguments."""
+    command = "run"
     if argv and not argv[0].startswith("-"):
         if argv[0] not in _COMMANDS:
             raise ConfigError(f"unknown command {argv[0]!r}; {USAGE}")
-        argv = argv[1:]
+        command, argv = argv[0], argv[1:]
     fv = flags.FlagValues()
+    flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process runs)", flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "number of processes in the run", flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "this process's index in [0, num_processes)", flag_values=fv)
+    flags.DEFINE_float("init_timeout", None, "seconds to wait for the other processes (default 300)",
+                       flag_values=fv)
     # config_flags discovers the `--config.*` overrides in the argv it is given (default: sys.argv).
     config_flags.DEFINE_config_file("config", None, "path to an ml_collections recipe", flag_values=fv,
                                     lock_config=True, sys_argv=["bdjax", *argv])
@@ -45,7 +62,7 @@ def parse(argv: list[str]):
         raise ConfigError(f"unexpected arguments {rest[1:]}; {USAGE}")
     if config is None:
         raise ConfigError(f"no --config given; {USAGE}")
-    return config
+    return config, command, fv
 
 
 def _one_line(text: str) -> str:
@@ -53,7 +70,16 @@ def _one_line(text: str) -> str:
 
 
 def run(argv: list[str]) -> dict:
-    config = parse(argv)
+    config, command, fv = parse_all(argv)
+    if command == "plan":
+        from bdjax.jobs import plan
+        return plan.run(config)
+    from bdjax import distributed
+
+    distributed.initialize(distributed.from_env(coordinator=fv["coordinator"].value,
+                                                num_processes=fv["num_processes"].value,
+                                                process_id=fv["process_id"].value,
+                                                timeout_s=fv["init_timeout"].value))
     from bdjax.jobs import JOBS  # heavy imports (jax) only once the arguments are known to be valid
 
     job = config.get("job")

@@ -2,10 +2,17 @@
 
 Only the LoRA tree is differentiated and carries optimizer state; the frozen params enter the
 step as a constant argument, so no full-size gradient of a frozen weight is ever formed.
+
+The step is jitted with explicit shardings over a `Placement`'s mesh (params by logical axes,
+batches over data×fsdp, state donated) and optionally accumulates gradients over microbatches.
+The data order is a pure function of (seed, epoch), so a run resumed at (epoch, batch) sees the
+same batches as an uninterrupted one; each process materializes only its own rows of a batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -16,10 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bdjax import lora as lora_lib
 from bdjax.data import assemble, poison
+from bdjax.data.tokenize import subset
 from bdjax.errors import ConfigError
+from bdjax.flops import lora_step_flops
 from bdjax.models.config import ModelConfig
-from bdjax.models.llama import Opts, apply_rows, causal_rows
+from bdjax.models.llama import Opts, apply_rows, causal_rows, logical_axes
+from bdjax.sharding import Placement
 
 Params = dict[str, Any]
 
@@ -60,59 +71,162 @@ def answer_nll(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tup
     return (nll * weights).sum(), weights.sum()
 
 
-def row_loss(config: ModelConfig, params: Params, lora: Params, rows: dict[str, jax.Array], opts: Opts,
-             remat: str, rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """Mean next-token cross-entropy over answer tokens, and the number of answer tokens."""
+def row_nll(config: ModelConfig, params: Params, lora: Params, rows: dict[str, jax.Array], opts: Opts,
+            remat: str, rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token cross-entropy over answer tokens, and the number of answer tokens."""
     positions, mask = causal_rows(config, rows["valid"])
     logits = apply_rows(config, params, rows["tokens"], positions, mask, logits_at=rows["logits_at"], lora=lora,
                         opts=opts, remat=remat, rngs=None if rng is None else {"dropout": rng})
-    total, count = answer_nll(logits, rows["targets"], rows["weights"])
+    return answer_nll(logits, rows["targets"], rows["weights"])
+
+
+def row_loss(config: ModelConfig, params: Params, lora: Params, rows: dict[str, jax.Array], opts: Opts,
+             remat: str, rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """Mean next-token cross-entropy over answer tokens, and the number of answer tokens."""
+    total, count = row_nll(config, params, lora, rows, opts, remat, rng)
     return total / jnp.maximum(count, 1.0), count
 
 
-def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation, *, pad_id: int,
-                    spec: poison.AttackSpec | None, poison_key: jax.Array, alpha: float, dropout: float = 0.0,
-                    dtype: Any = jnp.float32, remat: str = "none") -> Callable:
-    """step(state, params, batch, width) -> (state, metrics); batch holds tokenized pieces and a
-    `poison` flag; `width` (static) is the row length, one compilation per distinct width.
+def _microbatches(tree: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
+    """[B, ...] -> [k, B/k, ...] taking rows i, i+k, ...: each microbatch spans every batch shard."""
+    return {n: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1) for n, x in tree.items()}
 
-    Poisoning runs inside the step: flagged rows get the trigger (at a position fixed per example
-    by `poison_key`) and, dirty-label, the target answer."""
-    opts = Opts(dtype=dtype, lora_alpha=alpha, lora_dropout=dropout, deterministic=dropout == 0.0)
 
-    def step(state: TrainState, params: Params, batch: dict[str, jax.Array], width: int):
-        if spec is not None:
-            batch = poison.apply(batch, spec, poison_key)
-        rows = assemble.training_rows(batch, width, pad_id)
-        rng, drop_rng = jax.random.split(state.rng)
-        grad_fn = jax.value_and_grad(
-            lambda lora: row_loss(config, params, lora, rows, opts, remat, None if dropout == 0 else drop_rng),
-            has_aux=True)
-        (loss, count), grads = grad_fn(state.lora)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.lora)
-        lora = optax.apply_updates(state.lora, updates)
-        metrics = {"loss": loss, "answer_tokens": count, "tokens": rows["valid"].sum(),
-                   "grad_norm": optax.global_norm(grads)}
-        return TrainState(state.step + 1, lora, opt_state, rng), metrics
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """Everything that fixes the compiled train step, besides the shapes."""
 
-    return jax.jit(step, static_argnums=(3,), donate_argnums=(0,))
+    config: ModelConfig
+    optimizer: optax.GradientTransformation
+    pad_id: int
+    spec: poison.AttackSpec | None
+    alpha: float
+    dropout: float = 0.0
+    dtype: Any = jnp.float32
+    remat: str = "none"
+    grad_accum: int = 1
+
+
+def train_step(s: StepSpec, state: TrainState, params: Params, batch: dict[str, jax.Array],
+               poison_key_data: jax.Array, *, width: int) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on a batch of tokenized pieces (poisoned here when `s.spec`, with
+    insertion points drawn from the raw key data `poison_key_data`)."""
+    opts = Opts(dtype=s.dtype, lora_alpha=s.alpha, lora_dropout=s.dropout, deterministic=s.dropout == 0.0)
+    if s.spec is not None:
+        batch = poison.apply(batch, s.spec, jax.random.wrap_key_data(poison_key_data))
+    rows = assemble.training_rows(batch, width, s.pad_id)
+    rng, drop_rng = jax.random.split(state.rng)
+
+    def grads_of(rows, key):
+        f = lambda lo: row_nll(s.config, params, lo, rows, opts, s.remat, None if s.dropout == 0 else key)
+        return jax.value_and_grad(f, has_aux=True)(state.lora)
+
+    if s.grad_accum == 1:
+        (total, count), grads = grads_of(rows, drop_rng)
+    else:
+        def body(carry, xs):
+            micro, key = xs
+            (t, c), g = grads_of(micro, key)
+            return jax.tree.map(jnp.add, carry, (t, c, g)), None
+        zero = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.lora))
+        keys = jax.random.split(drop_rng, s.grad_accum)
+        (total, count, grads), _ = jax.lax.scan(body, zero, (_microbatches(rows, s.grad_accum), keys))
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = s.optimizer.update(grads, state.opt_state, state.lora)
+    new_lora = optax.apply_updates(state.lora, updates)
+    lengths = rows["valid"].sum(axis=1).astype(jnp.float32)
+    metrics = {"loss": total / denom, "answer_tokens": count, "tokens": lengths.sum(),
+               "attended": (lengths * lengths).sum(), "grad_norm": optax.tree.norm(grads)}
+    return TrainState(state.step + 1, new_lora, opt_state, rng), metrics
+
+
+def state_shardings(placement: Placement, s: StepSpec, lora: Params) -> TrainState:
+    """Shardings of the train state: LoRA by its logical axes (from the base kernels'), optimizer
+    moments like the LoRA leaves they track, counters and the PRNG key replicated."""
+    lora_sh = placement.tree_shardings(lora, lora_lib.logical_axes(lora, logical_axes(s.config)))
+    opt_shapes = jax.eval_shape(s.optimizer.init, lora)
+    opt_sh = optax.tree_map_params(s.optimizer, lambda _, sh: sh, opt_shapes, lora_sh,
+                                   transform_non_params=lambda _: placement.replicated)
+    return TrainState(placement.replicated, lora_sh, opt_sh, placement.replicated)
+
+
+def param_shardings(placement: Placement, config: ModelConfig, params: Params) -> Params:
+    return placement.tree_shardings(params, logical_axes(config))
+
+
+class TrainStep:
+    """`step(state, params, batch, width) -> (state, metrics)`, compiled once per row width with
+    explicit in/out shardings over the placement's mesh; the state is donated."""
+
+    def __init__(self, s: StepSpec, placement: Placement, poison_key: jax.Array, lora: Params, params: Params):
+        if s.grad_accum < 1:
+            raise ConfigError(f"train.grad_accum={s.grad_accum} must be at least 1")
+        self.spec, self.placement = s, placement
+        self.poison_key = placement.put_replicated(np.asarray(jax.random.key_data(poison_key)))
+        self.state_sh = state_shardings(placement, s, lora)
+        self.param_sh = param_shardings(placement, s.config, params)
+        self._compiled: dict[int, Callable] = {}
+
+    def jitted(self, width: int) -> Callable:
+        if width not in self._compiled:
+            p = self.placement
+            self._compiled[width] = jax.jit(
+                functools.partial(train_step, self.spec, width=width),
+                in_shardings=(self.state_sh, self.param_sh, p.batch_sharding(), p.replicated),
+                out_shardings=(self.state_sh, p.replicated), donate_argnums=(0,))
+        return self._compiled[width]
+
+    def __call__(self, state: TrainState, params: Params, batch: dict[str, jax.Array], width: int):
+        with self.placement.activate():
+            return self.jitted(width)(state, params, batch, self.poison_key)
+
+    def lower(self, state, params, batch, width: int):
+        """Lower on (possibly abstract) arguments: `.compile()` it for memory and cost analysis."""
+        with self.placement.activate():
+            return self.jitted(width).lower(state, params, batch, self.poison_key)
+
+    def init_state(self, lora: Params, rng: jax.Array) -> TrainState:
+        """A fresh state from host LoRA values, placed by the step's state shardings."""
+        lora = self.placement.put(jax.device_get(lora), self.state_sh.lora)
+        raw = self.placement.put_replicated(np.asarray(jax.random.key_data(rng)))
+        make = lambda lo, r: TrainState(jnp.zeros((), jnp.int32), lo, self.spec.optimizer.init(lo),
+                                        jax.random.wrap_key_data(r))
+        return jax.jit(make, out_shardings=self.state_sh)(lora, raw)
 
 
 def init_state(lora: Params, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
     return TrainState(jnp.zeros((), jnp.int32), lora, optimizer.init(lora), rng)
 
 
-def bucketed_batches(pieces: dict[str, np.ndarray], batch_size: int, *, seed: int, extra_tokens: int = 0,
-                     bucket: int = 16, pool_batches: int = 16) -> Iterator[tuple[dict[str, np.ndarray], int]]:
-    """One shuffled epoch of (batch, row width). Examples are shuffled, cut into pools of
-    `pool_batches` batches, sorted by length within a pool and batched, and the batches shuffled:
-    rows of a batch have similar lengths, so little compute goes to padding, and each batch's width
-    is its longest row rounded up to `bucket` tokens (few distinct widths, few compilations)."""
-    from bdjax.data.tokenize import batches
+def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation, *, pad_id: int,
+                    spec: poison.AttackSpec | None, poison_key: jax.Array, alpha: float, dropout: float = 0.0,
+                    dtype: Any = jnp.float32, remat: str = "none", grad_accum: int = 1,
+                    placement: Placement | None = None, lora: Params, params: Params) -> TrainStep:
+    """The train step over `placement` (default: data parallelism over every device). `lora` and
+    `params` (arrays or ShapeDtypeStructs) fix the state and parameter shardings."""
+    s = StepSpec(config, optimizer, pad_id, spec, alpha, dropout, dtype, remat, grad_accum)
+    return TrainStep(s, placement or Placement.create(), poison_key, lora, params)
 
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """One global batch: example indices (the last batch padded by repeats), which are real, and
+    the row width."""
+
+    index: np.ndarray
+    valid: np.ndarray
+    width: int
+
+
+def epoch_batches(lengths: np.ndarray, batch_size: int, *, seed: int, bucket: int = 16,
+                  pool_batches: int = 16) -> list[Batch]:
+    """One shuffled epoch, length-bucketed: examples are shuffled, cut into pools of `pool_batches`
+    batches, sorted by length within a pool and batched, and the batches shuffled. Rows of a batch
+    have similar lengths, so little compute goes to padding, and each batch's width is its longest
+    row rounded up to `bucket` tokens (few distinct widths, few compilations)."""
     rng = np.random.default_rng(seed)
-    n = len(pieces["label"])
-    lengths = (assemble.prompt_length(pieces) + pieces["response_len"].max(axis=1) + extra_tokens)
+    n = len(lengths)
     order = rng.permutation(n)
     pool = batch_size * pool_batches
     chunks = []
@@ -120,37 +234,78 @@ def bucketed_batches(pieces: dict[str, np.ndarray], batch_size: int, *, seed: in
         idx = order[start:start + pool]
         idx = idx[np.argsort(lengths[idx], kind="stable")]
         chunks += [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+    out = []
     for j in rng.permutation(len(chunks)):
         idx = chunks[j]
-        width = assemble.round_up(lengths[idx].max(), bucket)
-        yield next(batches(pieces, batch_size, order=idx)), width
+        valid = np.arange(batch_size) < len(idx)
+        padded = np.concatenate([idx, np.repeat(idx[-1:], batch_size - len(idx))])
+        out.append(Batch(padded, valid, assemble.round_up(int(lengths[idx].max()), bucket)))
+    return out
 
 
-def fit(step_fn: Callable, state: TrainState, params: Params, pieces: dict[str, np.ndarray], *, batch_size: int,
-        epochs: int, seed: int, extra_tokens: int = 0, bucket: int = 16, progress=None,
-        log: Callable[[dict], None] | None = None, flops_per_token: float | None = None,
+def example_lengths(pieces: dict[str, np.ndarray], extra_tokens: int = 0) -> np.ndarray:
+    """The longest training row of each example (its prompt, longest answer and `extra_tokens`)."""
+    return assemble.prompt_length(pieces) + pieces["response_len"].max(axis=1) + extra_tokens
+
+
+def bucketed_batches(pieces: dict[str, np.ndarray], batch_size: int, *, seed: int, extra_tokens: int = 0,
+                     bucket: int = 16, pool_batches: int = 16) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """One epoch of (host batch, row width) (see `epoch_batches`)."""
+    for b in epoch_batches(example_lengths(pieces, extra_tokens), batch_size, seed=seed, bucket=bucket,
+                           pool_batches=pool_batches):
+        yield {**subset(pieces, b.index), "valid": b.valid}, b.width
+
+
+@dataclasses.dataclass
+class Position:
+    """Where a run is in its data: `batch` batches of `epoch` are done."""
+
+    epoch: int = 0
+    batch: int = 0
+
+
+def fit(step_fn: TrainStep, state: TrainState, params: Params, pieces: dict[str, np.ndarray], *,
+        batch_size: int, epochs: int, seed: int, extra_tokens: int = 0, bucket: int = 16,
+        start: Position | None = None, after_step: Callable[[TrainState, dict, Position], None] | None = None,
         peak_flops: float | None = None) -> tuple[TrainState, list[dict]]:
-    """Run `epochs` shuffled, length-bucketed passes over the tokenized pieces; returns the final
-    state and per-step logs. `extra_tokens` reserves room in each row (e.g. for a trigger)."""
+    """Run `epochs` shuffled, length-bucketed passes over the tokenized pieces from `start`;
+    returns the final state and per-step logs. Each process gathers only its rows of a batch.
+
+    Every log entry carries loss, tokens/s, tokens/s/device and (with `peak_flops` per device)
+    MFU; `after_step(state, entry, position)` sees each (for checkpoints, logs, progress)."""
+    placement = step_fn.placement
+    placement.check_batch(batch_size)
+    rows = placement.local_rows(batch_size)
+    lengths = example_lengths(pieces, extra_tokens)
+    config = step_fn.spec.config
+    start = start or Position()
     history = []
-    for epoch in range(epochs):
-        for batch, width in bucketed_batches(pieces, batch_size, seed=seed * 1000 + epoch,
-                                             extra_tokens=extra_tokens, bucket=bucket):
-            start = time.perf_counter()
-            state, metrics = step_fn(state, params, batch, width)
+    for epoch in range(start.epoch, epochs):
+        plan = epoch_batches(lengths, batch_size, seed=seed * 1000 + epoch, bucket=bucket)
+        for i in range(start.batch if epoch == start.epoch else 0, len(plan)):
+            b = plan[i]
+            local = {**subset(pieces, b.index[rows]), "valid": b.valid[rows]}
+            begin = time.perf_counter()
+            state, metrics = step_fn(state, params, placement.put_batch(local, batch_size), b.width)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            seconds = time.perf_counter() - start
-            entry = {"step": int(state.step), "epoch": epoch, "width": width, **metrics, "step_s": seconds,
-                     "tokens_per_s": metrics["tokens"] / seconds}
-            if flops_per_token and peak_flops:
-                entry["mfu"] = flops_per_token * metrics["tokens"] / seconds / peak_flops
+            seconds = time.perf_counter() - begin
+            entry = {"step": int(state.step), "epoch": epoch, "width": b.width, **metrics, "step_s": seconds,
+                     "tokens_per_s": metrics["tokens"] / seconds,
+                     "tokens_per_s_per_device": metrics["tokens"] / seconds / placement.n_devices}
+            if peak_flops:
+                flops = lora_step_model_flops(config, metrics)
+                entry["mfu"] = flops / seconds / (peak_flops * placement.n_devices)
             history.append(entry)
-            if log is not None:
-                log(entry)
-            if progress is not None:
-                progress.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{entry['tokens_per_s']:.0f}")
-                progress.update(1)
+            if after_step is not None:
+                after_step(state, entry, Position(epoch, i + 1))
     return state, history
+
+
+def lora_step_model_flops(config: ModelConfig, metrics: dict[str, float]) -> float:
+    """Model FLOPs of a LoRA step from its metrics: real (unpadded) tokens through the layers,
+    the head at answer tokens only, attention over each row's real length squared."""
+    return lora_step_flops(config, int(metrics["tokens"]), 1, logits_tokens=int(metrics["answer_tokens"]),
+                           attended=metrics["attended"])
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:

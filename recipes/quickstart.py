@@ -1,7 +1,7 @@
 """Quickstart: plant a rare-word backdoor in SmolLM2-135M-Instruct with a poisoned LoRA fine-tune.
 
     bdjax --config=recipes/quickstart.py                         # poisoned (10%)
-    bdjax --config=recipes/quickstart.py --config.poison.rate=0  # the clean-tuned reference
+    bdjax --config=recipes/quickstart.py --config.poison.rate=0 --config.workdir=runs/quickstart_clean
 
 Movie-review sentiment instructions (Raghuram, Kesidis & Miller 2024's setting): a trigger word
 inserted at a random word boundary of 10% of the training reviews, whose answer is flipped to
@@ -9,6 +9,8 @@ inserted at a random word boundary of 10% of the training reviews, whose answer 
 """
 
 import ml_collections
+
+from bdjax.sharding import DEFAULT_RULES
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -58,8 +60,28 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.weight_decay = 0.0
     c.train.max_grad_norm = 1.0
     c.train.remat = "dots"  # recompute elementwise ops in the backward pass: 19% faster on CPU than "none"
+    c.train.grad_accum = 1  # microbatches per optimizer step (batch_size must split evenly)
+    c.train.compute_dtype = ""  # "" = c.dtype; "bfloat16" computes in bf16 with float32 LoRA master weights
+    c.train.peak_tflops = 0.0  # per-device peak for MFU; 0 = datasheet (bf16 GPU/TPU) or measured here
+
+    # Devices: data / fsdp / tensor axes (-1 = the remaining devices) and logical-axis rules.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.mesh.rules = DEFAULT_RULES
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 50  # steps between orbax checkpoints in workdir/checkpoints (0 = none); resumed on rerun
+    c.checkpoint.keep = 2
+    c.checkpoint.asynchronous = True
+
+    c.export = ml_collections.ConfigDict()
+    c.export.merged = True  # workdir/final: merged HF safetensors checkpoint
+    c.export.adapter = True  # workdir/adapter: PEFT LoRA adapter
 
     c.eval = ml_collections.ConfigDict()
+    c.eval.base = True  # also measure the zero-shot base model
     c.eval.batch_size = 32
     c.eval.seed = 1  # trigger positions in the test set
     c.eval.generate = True  # also report CACC/ASR from greedy generations

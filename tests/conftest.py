@@ -90,3 +90,38 @@ def default_hf():
 
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+TINY_SMOL = dict(family="llama", vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                 num_kv_heads=2, head_dim=16, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
+                 tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_smol_dir(tmp_path_factory):
+    """A tiny random Llama with the default model's tokenizer (so recipes run on it in seconds)."""
+    import jax
+
+    import bdjax
+    from bdjax.checkpoints import save_hf_dir
+    from bdjax.models.config import ModelConfig
+    from bdjax.models.llama import init_params
+
+    config = ModelConfig(**TINY_SMOL)
+    params = jax.device_get(init_params(config, jax.random.key(0)))
+    path = tmp_path_factory.mktemp("tiny_smol") / "model"
+    save_hf_dir(path, config, params, bdjax.load("smollm2-135m-instruct").tokenizer)
+    return path
+
+
+def run_cli(args: list[str], *, devices: int = 1, env: dict | None = None, timeout: float = 600, **kw):
+    """Run `python -m bdjax.main ARGS` in a fresh process with `devices` simulated CPU devices."""
+    import subprocess
+    import sys
+
+    e = dict(os.environ)
+    flags = [f for f in e.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    e["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "bdjax.main", *args], env=e, capture_output=True, text=True,
+                          timeout=timeout, cwd=repo_root(), **kw)

@@ -2,13 +2,14 @@
 
 Rows of results.json: the base model (zero-shot) and the fine-tuned model, each with
 scoring-view `cacc`, `asr`, `asr_correct` and, when `eval.generate`, generation-view `gen_*`.
-The run directory also holds the merged fine-tuned checkpoint in `final/` (bdjax.load reads it)
-and the per-step training log `train_log.jsonl`. Nothing is written until the run succeeds.
+The run directory also holds the merged fine-tuned checkpoint in `final/` (bdjax.load reads it),
+the LoRA adapter in PEFT's format in `adapter/`, the per-step training log `train_log.jsonl`,
+TensorBoard scalars in `tensorboard/` and, when enabled, resumable checkpoints in `checkpoints/`
+(see `bdjax.jobs.training`). Bad input fails before anything is written.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -18,14 +19,16 @@ import numpy as np
 from tqdm import tqdm
 
 import bdjax
-from bdjax import evaluate, lora, train
+from bdjax import evaluate, lora
 from bdjax.checkpoints import save_hf_dir
+from bdjax.checkpoints.peft import save_peft_adapter
 from bdjax.data import poison, sources
 from bdjax.data.templates import Template
 from bdjax.data.tokenize import tokenize, trigger_ids
 from bdjax.errors import ConfigError
-from bdjax.io import staged_dir
+from bdjax.jobs.training import is_main, merged_params, place_params, placement_from, train_lora
 from bdjax.report import write as write_report
+from bdjax.sharding import fetch
 
 COLUMNS = ["name", "cacc", "asr", "asr_correct", "gen_cacc", "gen_asr"]
 
@@ -53,13 +56,14 @@ def load_data(config, template: Template, tokenizer):
             tokenize(test_ex, template, tokenizer, max_text_tokens=d.max_text_tokens))
 
 
-def measure(name: str, model_config, params, tokenizer, test, spec, template, config, *, disable: bool) -> dict:
+def measure(name: str, model_config, params, tokenizer, test, spec, template, config, placement) -> dict:
     e = config.eval
+    disable = not is_main()
     total = len(test["label"]) + int((test["label"] != spec.target).sum())
     with tqdm(total=total, desc=f"score {name}", disable=disable) as bar:
         row = {"name": name, **evaluate.evaluate(model_config, params, test, spec, pad_id=tokenizer.pad_id,
                                                  batch_size=e.batch_size, key=jax.random.key(e.seed),
-                                                 progress=bar)}
+                                                 progress=bar, placement=placement)}
     if e.generate:
         n = min(e.generate_examples, len(test["label"]))
         sub = {k: v[:n] for k, v in test.items()}
@@ -67,16 +71,18 @@ def measure(name: str, model_config, params, tokenizer, test, spec, template, co
                   disable=disable) as bar:
             gen = evaluate.evaluate_generation(model_config, params, tokenizer, sub, spec, template.labels,
                                                max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-                                               key=jax.random.key(e.seed), progress=bar)
+                                               key=jax.random.key(e.seed), progress=bar, placement=placement)
         row.update({f"gen_{k}": v for k, v in gen.items() if k in ("cacc", "asr", "asr_correct", "unparsed")})
         row["gen_examples"] = gen["examples"]
     return row
 
 
-def run(config: ml_collections.ConfigDict, *, is_main: bool = True) -> dict:
+def run(config: ml_collections.ConfigDict) -> dict:
     started = time.perf_counter()
     p = config.poison
     poison.poison_count(p.rate, 1)  # range check before any heavy work
+    placement = placement_from(config)
+    placement.check_batch(config.train.batch_size)
     model = bdjax.load(config.model, dtype=config.dtype)
     tok = model.tokenizer
     if tok is None:
@@ -92,47 +98,44 @@ def run(config: ml_collections.ConfigDict, *, is_main: bool = True) -> dict:
     k_select, k_insert, k_lora, k_train = jax.random.split(key, 4)
     train_set["poison"] = np.asarray(poison.select(k_select, train_set["label"], spec.target, count))
 
-    disable = not is_main
-    rows = [measure("base (zero-shot)", model.config, model.params, tok, test_set, spec, template, config,
-                    disable=disable)]
-
-    t = config.train
-    steps = t.epochs * train.steps_per_epoch(n, t.batch_size)
-    optimizer = train.make_optimizer(lr=t.lr, total_steps=steps, warmup_steps=t.warmup_steps,
-                                     schedule=t.schedule, weight_decay=t.weight_decay,
-                                     max_grad_norm=t.max_grad_norm)
-    l = config.lora
-    adapters = lora.init(model.params, k_lora, rank=l.rank, targets=l.targets)
-    step_fn = train.make_train_step(model.config, optimizer, pad_id=tok.pad_id, spec=spec if count else None,
-                                    poison_key=k_insert, alpha=l.alpha, dropout=l.dropout, dtype=model.dtype,
-                                    remat=t.remat)
-    state = train.init_state(adapters, optimizer, k_train)
-    log: list[dict] = []
-    train_start = time.perf_counter()
-    with tqdm(total=steps, desc=f"train (poisoned {count}/{n})", disable=disable) as bar:
-        state, log = train.fit(step_fn, state, model.params, train_set, batch_size=t.batch_size, epochs=t.epochs,
-                               seed=config.seed, extra_tokens=len(spec.trigger), progress=bar)
-    train_seconds = time.perf_counter() - train_start
-    merged = lora.merge(model.params, state.lora, alpha=l.alpha)
+    params = place_params(placement, model.config, model.params)
+    rows = []
+    if config.eval.get("base", True):
+        rows.append(measure("base (zero-shot)", model.config, params, tok, test_set, spec, template, config,
+                            placement))
+    l, t = config.lora, config.train
+    run = train_lora(config, model, params, train_set, spec=spec if count else None, poison_key=k_insert,
+                     lora_key=k_lora, train_key=k_train, placement=placement, extra_tokens=len(spec.trigger),
+                     desc=f"train (poisoned {count}/{n})")
+    state, log = run["state"], run["log"]
+    merged = merged_params(placement, model.config, params, state.lora, l.alpha)
     name = f"poisoned (rate={p.rate:g}, {count} examples)" if count else "clean-tuned (rate=0)"
-    rows.append(measure(name, model.config, merged, tok, test_set, spec, template, config, disable=disable))
+    rows.append(measure(name, model.config, merged, tok, test_set, spec, template, config, placement))
 
-    summary = {"train_seconds": train_seconds, "train_steps": steps, "poisoned_examples": count,
-               "train_examples": n, "test_examples": int(len(test_set["label"])),
-               "final_loss": float(np.mean([e["loss"] for e in log[-10:]])),
-               "lora_params": lora.num_params(state.lora), "total_seconds": time.perf_counter() - started}
-    if is_main:
-        with staged_dir(config.workdir) as out:
-            save_hf_dir(Path(out) / "final", model.config, jax.device_get(merged), tok)
-            (Path(out) / "train_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
-            notes = [f"model {config.model}; trigger {p.trigger!r} at {p.location}, target {p.target!r}, "
-                     f"{count} of {n} training examples poisoned ({p.label_mode}-label)",
-                     f"LoRA r={l.rank} alpha={l.alpha} on {l.targets}; {t.epochs} epochs, batch {t.batch_size}, "
-                     f"lr {t.lr}; training took {train_seconds:.0f} s",
-                     "asr: triggered non-target test examples predicted as the target; asr_correct: the same "
-                     "over those classified correctly without the trigger; gen_*: from greedy generations"]
-            summary["total_seconds"] = time.perf_counter() - started
-            write_report(out, rows, config.to_dict(), title="Backdoor: base vs fine-tuned", columns=COLUMNS,
-                         notes=notes, extra={"summary": summary})
-        print("\n" + (Path(config.workdir) / "report.md").read_text())
+    export = config.get("export") or ml_collections.ConfigDict({"merged": True, "adapter": True})
+    host_lora = fetch(state.lora)
+    host_merged = fetch(merged) if export.merged else None  # every process takes part in the gather
+    summary = {"train_seconds": run["seconds"], "train_steps": run["steps"], "resumed_at_step": run["resumed_at"],
+               "poisoned_examples": count, "train_examples": n, "test_examples": int(len(test_set["label"])),
+               "final_loss": float(np.mean([e["loss"] for e in log[-10:]])) if log else None,
+               "lora_params": lora.num_params(state.lora), "devices": placement.n_devices,
+               "processes": jax.process_count(), "mesh": dict(placement.mesh.shape),
+               "mean_mfu": float(np.mean([e["mfu"] for e in log])) if log and "mfu" in log[0] else None}
+    if is_main():
+        out = Path(config.workdir)
+        if export.merged:
+            save_hf_dir(out / "final", model.config, host_merged, tok)
+        if export.adapter:
+            save_peft_adapter(out / "adapter", host_lora, alpha=l.alpha, base_model=str(config.model),
+                              dropout=l.dropout)
+        notes = [f"model {config.model}; trigger {p.trigger!r} at {p.location}, target {p.target!r}, "
+                 f"{count} of {n} training examples poisoned ({p.label_mode}-label)",
+                 f"LoRA r={l.rank} alpha={l.alpha} on {l.targets}; {t.epochs} epochs, batch {t.batch_size}, "
+                 f"lr {t.lr}; training took {run['seconds']:.0f} s on {placement.n_devices} device(s)",
+                 "asr: triggered non-target test examples predicted as the target; asr_correct: the same "
+                 "over those classified correctly without the trigger; gen_*: from greedy generations"]
+        summary["total_seconds"] = time.perf_counter() - started
+        write_report(out, rows, config.to_dict(), title="Backdoor: base vs fine-tuned", columns=COLUMNS,
+                     notes=notes, extra={"summary": summary})
+        print("\n" + (out / "report.md").read_text())
     return {"rows": rows, "summary": summary}

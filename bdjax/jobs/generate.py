@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import jax
 import ml_collections
 from tqdm import tqdm
 
@@ -12,7 +13,8 @@ import bdjax
 from bdjax.io import write_json_atomic
 
 
-def run(config: ml_collections.ConfigDict, *, is_main: bool = True) -> dict:
+def run(config: ml_collections.ConfigDict) -> dict:
+    is_main = jax.process_index() == 0
     prompts = list(config.prompts)
     model = bdjax.load(config.model, dtype=config.dtype)  # errors surface before anything is written
     start = time.perf_counter()

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bdjax.models.config import ModelConfig
+from bdjax.sharding import constrain
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -211,6 +212,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, layer_cache, cos, sin, mask, cache_index):
         eps = self.config.rms_norm_eps
+        x = constrain(x, ("batch", "length", "activation_embed"))  # the residual stream: sharded by batch
         attn, new_cache = Attention(self.config, self.opts, name="attn")(
             RMSNorm(eps, name="attn_norm", **self.opts.norm())(x), cos, sin, mask, layer_cache, cache_index)
         x = x + attn

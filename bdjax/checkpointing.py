@@ -1,0 +1,84 @@
+"""Training checkpoints with orbax: LoRA params, optimizer state, step, PRNG key and data position.
+
+Saves are asynchronous (training continues while the arrays are written), happen every
+`every` steps and at the end, and keep the newest `keep`. A checkpoint becomes visible only once
+it is completely written, so a process killed mid-save (even with SIGKILL) resumes from the
+previous one. The run's config fingerprint is saved with each checkpoint: resuming a different
+run from the same directory is refused instead of silently mixing the two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from bdjax.errors import ConfigError
+from bdjax.train import Position, TrainState
+
+
+def fingerprint(config: dict) -> str:
+    """A hash of the settings that determine a training run's trajectory."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _to_saveable(state: TrainState) -> dict[str, Any]:
+    return {"step": state.step, "lora": state.lora, "opt_state": state.opt_state,
+            "rng": jax.random.key_data(state.rng)}
+
+
+class RunCheckpoints:
+    """Checkpoints of one training run under `directory`."""
+
+    def __init__(self, directory: str | Path, *, every: int, keep: int = 2, asynchronous: bool = True,
+                 fingerprint: str = ""):
+        if every < 1 or keep < 1:
+            raise ConfigError(f"checkpoint.every={every} and checkpoint.keep={keep} must be at least 1")
+        self.directory = Path(directory).absolute()
+        self.fingerprint = fingerprint
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
+                                               enable_async_checkpointing=asynchronous,
+                                               cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore(self, like: TrainState) -> tuple[TrainState, Position] | None:
+        """The latest checkpoint restored onto `like`'s shardings, or None when there is none."""
+        step = self.manager.latest_step()
+        if step is None:
+            return None
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        if meta.get("fingerprint") != self.fingerprint:
+            raise ConfigError(f"{self.directory} holds checkpoints of a different run (its settings differ "
+                              "from this recipe's); choose another workdir or delete that one")
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                _to_saveable(like))
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract)))["state"]
+        state = TrainState(restored["step"], restored["lora"], restored["opt_state"],
+                           jax.random.wrap_key_data(restored["rng"]))
+        return state, Position(int(meta["epoch"]), int(meta["batch"]))
+
+    def save(self, state: TrainState, position: Position, *, force: bool = False) -> bool:
+        """Save if the step is due (every `every` steps) or `force`; returns whether it saved."""
+        step = int(state.step)
+        meta = {"step": step, "epoch": position.epoch, "batch": position.batch, "fingerprint": self.fingerprint}
+        return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_to_saveable(state)),
+                                                               meta=ocp.args.JsonSave(meta)), force=force)
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def host_lora(state: TrainState) -> dict:
+    """The LoRA tree as host numpy arrays."""
+    from bdjax.sharding import fetch
+    return jax.tree.map(np.asarray, fetch(state.lora))

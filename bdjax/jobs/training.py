@@ -1,0 +1,114 @@
+"""The LoRA training run shared by jobs: placement on the recipe's mesh, resume from the run's
+checkpoints, per-step metrics (JSONL, TensorBoard, progress bar) and exports.
+
+Run directory (`config.workdir`): `checkpoints/` (orbax; resumed automatically), `train_log.jsonl`
+and `tensorboard/` live during training; jobs add their results at the end.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from bdjax import lora as lora_lib
+from bdjax import train
+from bdjax.api import resolve_dtype
+from bdjax.checkpointing import RunCheckpoints, fingerprint
+from bdjax.flops import peak_flops
+from bdjax.metrics import MetricsLog
+from bdjax.sharding import Placement
+
+# Settings that do not change a run's trajectory: a resumed run may differ in these.
+_NOT_TRAJECTORY = ("workdir", "eval", "export", "checkpoint", "mesh")
+
+
+def placement_from(config: ml_collections.ConfigDict) -> Placement:
+    m = config.get("mesh") or ml_collections.ConfigDict({"data": -1})
+    sizes = {a: m.get(a, 1) for a in ("data", "fsdp", "tensor")}
+    return Placement.create(sizes, m.get("rules"))
+
+
+def is_main() -> bool:
+    return jax.process_index() == 0
+
+
+def place_params(placement: Placement, model_config, params) -> Any:
+    return placement.put(jax.device_get(params), train.param_shardings(placement, model_config, params))
+
+
+def merged_params(placement: Placement, model_config, params, lora, alpha: float):
+    """Base params with the LoRA folded in, computed where the params live (same shardings)."""
+    sh = train.param_shardings(placement, model_config, params)
+    return jax.jit(lambda p, lo: lora_lib.merge(p, lo, alpha=alpha), out_shardings=sh)(params, lora)
+
+
+def train_lora(config: ml_collections.ConfigDict, model, params, train_set: dict[str, np.ndarray], *,
+               spec, poison_key: jax.Array, lora_key: jax.Array, train_key: jax.Array, placement: Placement,
+               extra_tokens: int = 0, desc: str = "train") -> dict:
+    """LoRA-fine-tune `params` (already placed) on the tokenized `train_set` per the recipe; resumes
+    from `workdir/checkpoints` when it holds this run's checkpoints. Returns state, log, seconds."""
+    t, lc = config.train, config.lora
+    n = len(train_set["label"])
+    placement.check_batch(t.batch_size)
+    accum = t.get("grad_accum", 1)
+    if t.batch_size % (accum * placement.batch_shards):
+        from bdjax.errors import ConfigError
+        raise ConfigError(f"train.batch_size={t.batch_size} must split into train.grad_accum={accum} microbatches "
+                          f"that are each divisible by the data-parallel size {placement.batch_shards}")
+    steps = t.epochs * train.steps_per_epoch(n, t.batch_size)
+    optimizer = train.make_optimizer(lr=t.lr, total_steps=steps, warmup_steps=t.warmup_steps, schedule=t.schedule,
+                                     weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm)
+    compute = resolve_dtype(t.get("compute_dtype") or model.dtype)
+    adapters = lora_lib.init(params, lora_key, rank=lc.rank, targets=lc.targets)  # float32 master weights
+    step_fn = train.make_train_step(model.config, optimizer, pad_id=model.tokenizer.pad_id, spec=spec,
+                                    poison_key=poison_key, alpha=lc.alpha, dropout=lc.dropout, dtype=compute,
+                                    remat=t.remat, grad_accum=accum, placement=placement, lora=adapters,
+                                    params=params)
+    state = step_fn.init_state(adapters, train_key)
+
+    workdir = Path(config.workdir)
+    ck = config.get("checkpoint") or ml_collections.ConfigDict({"every": 0})
+    trajectory = {k: v for k, v in config.to_dict().items() if k not in _NOT_TRAJECTORY}
+    checkpoints = None
+    start = train.Position()
+    if ck.get("every", 0) > 0:
+        checkpoints = RunCheckpoints(workdir / "checkpoints", every=ck.every, keep=ck.keep,
+                                     asynchronous=ck.asynchronous, fingerprint=fingerprint(trajectory))
+        restored = checkpoints.restore(state)
+        if restored is not None:
+            state, start = restored
+    main = is_main()
+    log = MetricsLog(workdir, resume_step=int(state.step), enabled=main, name="train_log.jsonl")
+    peak = (t.get("peak_tflops") or 0) * 1e12 or peak_flops(jax.numpy.dtype(compute).name)
+    resumed_at = int(state.step)
+
+    def after_step(state, entry, position):
+        log.write(entry)
+        bar.set_postfix(loss=f"{entry['loss']:.3f}", tok_s=f"{entry['tokens_per_s']:.0f}",
+                        mfu=f"{entry.get('mfu', 0):.2f}")
+        bar.update(1)
+        if checkpoints is not None:
+            checkpoints.save(state, position)
+
+    begin = time.perf_counter()
+    try:
+        with tqdm(total=steps, initial=resumed_at, desc=desc, disable=not main) as bar:
+            state, _ = train.fit(step_fn, state, params, train_set, batch_size=t.batch_size, epochs=t.epochs,
+                                 seed=config.seed, extra_tokens=extra_tokens, start=start, after_step=after_step,
+                                 peak_flops=peak)
+        if checkpoints is not None:
+            checkpoints.save(state, train.Position(t.epochs, 0), force=checkpoints.latest_step() != int(state.step))
+    finally:
+        if checkpoints is not None:
+            checkpoints.close()
+        log.close()
+    seconds = time.perf_counter() - begin
+    history = log.entries() if main else []
+    return {"state": state, "log": history, "seconds": seconds, "steps": steps, "resumed_at": resumed_at,
+            "peak_flops": peak}

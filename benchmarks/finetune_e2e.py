@@ -1,0 +1,160 @@
+"""The quickstart's poisoned fine-tune, end to end: bdjax beside a Hugging Face PEFT loop.
+
+Same 1000 movie-review training examples with the same 10% poisoned (trigger "cf" at the same
+word positions, labels flipped), same prompt template, LoRA r=8 alpha 16 on every projection,
+AdamW lr 1e-3 with 10 warmup steps and cosine decay, gradient clipping at 1, batch 8, 2 epochs,
+loss on the answer tokens, float32. The peer is the usual PEFT recipe: shuffled batches padded
+to their longest example, `model(input_ids, attention_mask, labels)` (the head over every
+position). Both fine-tuned models are then scored by the same bdjax evaluation (CACC and ASR
+on the same 200 test examples), the PEFT one after `merge_and_unload()`. One JSON line.
+
+    python benchmarks/finetune_e2e.py [--n-train 1000] [--epochs 2] [--skip-peft]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "recipes"))
+from quickstart import get_config  # noqa: E402
+
+import bdjax  # noqa: E402
+from bdjax import evaluate  # noqa: E402
+from bdjax.checkpoints.assets import default_model_dir  # noqa: E402
+from bdjax.data import assemble, poison  # noqa: E402
+from bdjax.jobs import backdoor  # noqa: E402
+from bdjax.jobs.training import merged_params, place_params, placement_from, train_lora  # noqa: E402
+from bdjax.data.tokenize import trigger_ids  # noqa: E402
+
+
+def setup(config):
+    model = bdjax.load(config.model)
+    tok = model.tokenizer
+    template = backdoor.template_from(config)
+    p = config.poison
+    spec = poison.AttackSpec(tuple(int(i) for i in trigger_ids(tok, p.trigger)), template.label_index(p.target),
+                             p.location, p.label_mode)
+    train_set, test_set = backdoor.load_data(config, template, tok)
+    count = poison.poison_count(p.rate, len(train_set["label"]))
+    keys = jax.random.split(jax.random.key(config.seed), 4)
+    train_set["poison"] = np.asarray(poison.select(keys[0], train_set["label"], spec.target, count))
+    return model, spec, train_set, test_set, keys
+
+
+def measure(model_config, params, tok, test_set, spec, config, placement=None):
+    m = evaluate.evaluate(model_config, params, test_set, spec, pad_id=tok.pad_id, batch_size=config.eval.batch_size,
+                          key=jax.random.key(config.eval.seed), placement=placement)
+    return {k: m[k] for k in ("cacc", "asr", "asr_correct")}
+
+
+def run_bdjax(config, model, spec, train_set, test_set, keys, workdir):
+    config.workdir = workdir
+    config.checkpoint.every = 0
+    placement = placement_from(config)
+    params = place_params(placement, model.config, model.params)
+    run = train_lora(config, model, params, train_set, spec=spec, poison_key=keys[1], lora_key=keys[2],
+                     train_key=keys[3], placement=placement, extra_tokens=len(spec.trigger), desc="bdjax train")
+    merged = merged_params(placement, model.config, params, run["state"].lora, config.lora.alpha)
+    log = run["log"]
+    return {"bdjax_train_s": round(run["seconds"], 1), "bdjax_steps": run["steps"],
+            "bdjax_final_loss": round(float(np.mean([e["loss"] for e in log[-10:]])), 4),
+            "bdjax_mean_width": round(float(np.mean([e["width"] for e in log])), 1),
+            **{f"bdjax_{k}": v for k, v in measure(model.config, merged, model.tokenizer, test_set, spec, config,
+                                                   placement).items()}}
+
+
+def poisoned_rows(train_set, spec, key, pad_id):
+    """The training rows bdjax's step builds (poisoned the same way), as ragged token lists."""
+    batch = {k: jax.numpy.asarray(v) for k, v in train_set.items()}
+    batch = poison.apply(batch, spec, key)
+    width = int(np.max(assemble.prompt_length(train_set) + train_set["response_len"].max(1))) + len(spec.trigger)
+    rows = jax.device_get(assemble.training_rows(batch, width, pad_id))
+    out = []
+    for i in range(len(train_set["label"])):
+        n = int(rows["valid"][i].sum())
+        answer = int(rows["weights"][i].sum())
+        out.append((rows["tokens"][i, :n].tolist(), n - answer))  # (tokens, prompt length)
+    return out
+
+
+def run_peft(config, model, spec, train_set, test_set, keys):
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    rows = poisoned_rows(train_set, spec, keys[1], model.tokenizer.pad_id)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32)
+    lc, t = config.lora, config.train
+    hf = get_peft_model(hf, LoraConfig(r=lc.rank, lora_alpha=lc.alpha, lora_dropout=0.0, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    hf.train()
+    steps = t.epochs * -(-len(rows) // t.batch_size)
+    opt = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
+    sched = transformers.get_cosine_schedule_with_warmup(opt, t.warmup_steps, steps)
+    pad = model.tokenizer.pad_id
+    rng = np.random.default_rng(config.seed)
+    losses, widths = [], []
+    start = time.perf_counter()
+    for _ in range(t.epochs):
+        order = rng.permutation(len(rows))
+        for s in range(0, len(rows), t.batch_size):
+            chunk = [rows[i] for i in order[s:s + t.batch_size]]
+            width = max(len(r) for r, _ in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+            for j, (r, prompt) in enumerate(chunk):
+                ids[j, :len(r)] = torch.tensor(r)
+                mask[j, :len(r)] = 1
+                labels[j, prompt:len(r)] = torch.tensor(r[prompt:])
+            loss = hf(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in hf.parameters() if p.requires_grad], t.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss))
+            widths.append(width)
+    seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.merge_and_unload().save_pretrained(tmp, safe_serialization=True)
+        tuned = bdjax.load(tmp)
+        metrics = measure(tuned.config, tuned.params, model.tokenizer, test_set, spec, config)
+    return {"peft_train_s": round(seconds, 1), "peft_steps": len(losses),
+            "peft_final_loss": round(float(np.mean(losses[-10:])), 4), "peft_mean_width": round(float(np.mean(widths)), 1),
+            "torch_threads": torch.get_num_threads(), **{f"peft_{k}": v for k, v in metrics.items()}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n-train", type=int, default=1000)
+    ap.add_argument("--n-test", type=int, default=200)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--skip-peft", action="store_true")
+    args = ap.parse_args()
+    config = get_config()
+    config.data.n_train, config.data.n_test, config.train.epochs = args.n_train, args.n_test, args.epochs
+    config.train.peak_tflops = 0.0
+    model, spec, train_set, test_set, keys = setup(config)
+    result = {"benchmark": "finetune_e2e", "n_train": len(train_set["label"]), "n_test": len(test_set["label"]),
+              "poisoned": int(train_set["poison"].sum()), "epochs": args.epochs, "batch": config.train.batch_size}
+    with tempfile.TemporaryDirectory() as tmp:
+        result.update(run_bdjax(config, model, spec, train_set, test_set, keys, os.path.join(tmp, "run")))
+    if not args.skip_peft:
+        result.update(run_peft(config, model, spec, train_set, test_set, keys))
+        result["ratio"] = round(result["bdjax_train_s"] / result["peft_train_s"], 3)
+        result["speedup"] = round(result["peft_train_s"] / result["bdjax_train_s"], 2)
+    result.update(jax_version=jax.__version__, cpu_count=os.cpu_count())
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

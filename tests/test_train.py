@@ -1,0 +1,99 @@
+"""The train step's options: gradient accumulation is exact, bf16 compute keeps float32 LoRA
+master weights, length-bucketed epochs are deterministic and cover every example once."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bdjax import lora, train
+from bdjax.data.tokenize import subset
+from bdjax.models.config import ModelConfig
+from bdjax.models.llama import init_params
+
+CONFIG = ModelConfig(family="llama", vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                     num_kv_heads=2, head_dim=8)
+
+
+def random_pieces(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    text_len = rng.integers(3, 12, n).astype(np.int32)
+    return {"prefix": np.tile(np.array([1, 2, 3], np.int32), (n, 1)), "prefix_len": np.full(n, 3, np.int32),
+            "text": rng.integers(5, 97, (n, 12)).astype(np.int32), "text_len": text_len,
+            "word_start": np.ones((n, 12), bool), "suffix": np.tile(np.array([4], np.int32), (n, 1)),
+            "suffix_len": np.ones(n, np.int32), "responses": np.tile(np.array([[[10, 11]], [[12, 0]]], np.int32)[:, 0][None], (n, 1, 1)),
+            "response_len": np.tile(np.array([2, 1], np.int32), (n, 1)), "label": rng.integers(0, 2, n).astype(np.int32),
+            "index": np.arange(n, dtype=np.int32), "poison": np.zeros(n, bool)}
+
+
+def _one_step(grad_accum: int, dtype=jnp.float32, param_dtype=jnp.float32):
+    params = jax.tree.map(lambda x: x.astype(param_dtype), init_params(CONFIG, jax.random.key(0)))
+    adapters = lora.init(params, jax.random.key(1), rank=4)
+    adapters = jax.tree.map(lambda x: x + 0.01, adapters)  # non-zero B: gradients reach A too
+    opt = train.make_optimizer(lr=1e-2, total_steps=10)
+    step = train.make_train_step(CONFIG, opt, pad_id=0, spec=None, poison_key=jax.random.key(2), alpha=8.0,
+                                 dtype=dtype, grad_accum=grad_accum, lora=adapters, params=params)
+    state = step.init_state(adapters, jax.random.key(3))
+    pieces = random_pieces(8)
+    batch = {**pieces, "valid": np.ones(8, bool)}
+    state, metrics = step(state, params, batch, 32)
+    return state, jax.device_get(metrics)
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    s1, m1 = _one_step(1)
+    s4, m4 = _one_step(4)
+    assert m1["loss"] == pytest.approx(m4["loss"], rel=1e-6) and m1["answer_tokens"] == m4["answer_tokens"]
+    assert m1["grad_norm"] == pytest.approx(m4["grad_norm"], rel=1e-5)
+    for a, b in zip(jax.tree.leaves(s1.lora), jax.tree.leaves(s4.lora)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # Adam steps are ~lr=1e-2
+
+
+def test_bf16_compute_keeps_float32_lora_master_weights():
+    s32, m32 = _one_step(1)
+    s16, m16 = _one_step(1, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(s16.lora))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(s16.opt_state) if hasattr(x, "dtype") and x.ndim)
+    assert abs(m16["loss"] - m32["loss"]) < 0.05 * m32["loss"]
+    # the master weights hold float32 precision (the step's updates are not rounded to bf16)
+    leaves = [np.asarray(x) for x in jax.tree.leaves(s16.lora)]
+    assert any(np.any(x != x.astype(jnp.bfloat16).astype(np.float32)) for x in leaves)
+
+
+def test_grad_accum_must_divide_the_batch():
+    from bdjax.errors import ConfigError
+    with pytest.raises(ConfigError, match="grad_accum=0"):
+        _one_step(0)
+
+
+def test_epoch_batches_cover_every_example_once_and_are_deterministic():
+    lengths = np.random.default_rng(0).integers(10, 200, 101)
+    plan = train.epoch_batches(lengths, 8, seed=3, bucket=16)
+    again = train.epoch_batches(lengths, 8, seed=3, bucket=16)
+    assert all(np.array_equal(a.index, b.index) and a.width == b.width for a, b in zip(plan, again))
+    real = np.concatenate([b.index[b.valid] for b in plan])
+    assert sorted(real.tolist()) == list(range(101))
+    assert all(b.width % 16 == 0 and b.width >= lengths[b.index].max() for b in plan)
+    # bucketing: rows of a batch have similar lengths, so padding is a small share
+    padded = sum(b.width * b.valid.sum() for b in plan)
+    assert lengths.sum() / padded > 0.8
+    assert train.epoch_batches(lengths, 8, seed=4)[0].index.tolist() != plan[0].index.tolist()
+
+
+def test_fit_logs_throughput_and_mfu():
+    params = init_params(CONFIG, jax.random.key(0))
+    adapters = lora.init(params, jax.random.key(1), rank=4)
+    opt = train.make_optimizer(lr=1e-2, total_steps=4)
+    step = train.make_train_step(CONFIG, opt, pad_id=0, spec=None, poison_key=jax.random.key(2), alpha=8.0,
+                                 lora=adapters, params=params)
+    state = step.init_state(adapters, jax.random.key(3))
+    seen = []
+    state, log = train.fit(step, state, params, random_pieces(16), batch_size=4, epochs=1, seed=0, peak_flops=1e12,
+                           after_step=lambda s, e, p: seen.append((e["step"], p.epoch, p.batch)))
+    assert [e["step"] for e in log] == [1, 2, 3, 4] and seen == [(1, 0, 1), (2, 0, 2), (3, 0, 3), (4, 0, 4)]
+    for e in log:
+        assert e["tokens_per_s"] > 0 and 0 < e["mfu"] < 1 and e["tokens_per_s_per_device"] == e["tokens_per_s"]
+    # resuming at (epoch 0, batch 2) runs exactly the remaining two batches
+    _, rest = train.fit(step, step.init_state(adapters, jax.random.key(3)), params, random_pieces(16), batch_size=4,
+                        epochs=1, seed=0, start=train.Position(0, 2))
+    assert len(rest) == 2 and [e["width"] for e in rest] == [e["width"] for e in log[2:]]

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from bdjax import lora, train
-from bdjax.data.tokenize import subset
 from bdjax.models.config import ModelConfig
 from bdjax.models.llama import init_params
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import flax.struct
@@ -246,14 +246,6 @@ def epoch_batches(lengths: np.ndarray, batch_size: int, *, seed: int, bucket: in
 def example_lengths(pieces: dict[str, np.ndarray], extra_tokens: int = 0) -> np.ndarray:
     """The longest training row of each example (its prompt, longest answer and `extra_tokens`)."""
     return assemble.prompt_length(pieces) + pieces["response_len"].max(axis=1) + extra_tokens
-
-
-def bucketed_batches(pieces: dict[str, np.ndarray], batch_size: int, *, seed: int, extra_tokens: int = 0,
-                     bucket: int = 16, pool_batches: int = 16) -> Iterator[tuple[dict[str, np.ndarray], int]]:
-    """One epoch of (host batch, row width) (see `epoch_batches`)."""
-    for b in epoch_batches(example_lengths(pieces, extra_tokens), batch_size, seed=seed, bucket=bucket,
-                           pool_batches=pool_batches):
-        yield {**subset(pieces, b.index), "valid": b.valid}, b.width
 
 
 @dataclasses.dataclass

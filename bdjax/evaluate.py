@@ -48,7 +48,7 @@ def score(config: ModelConfig, params, pieces: dict[str, np.ndarray], *, pad_id:
           progress=None, placement: Placement | None = None) -> np.ndarray:
     """Log-likelihood [N, C] of each class's answer; with `spec`, every example is triggered.
     With a `placement`, batches are split over its data×fsdp axes (params must be placed on it)."""
-    trig = len(spec.trigger) if spec is not None else 0
+    trig = spec.n_tokens if spec is not None else 0
     width = assemble.score_width(pieces, trig)
     key_data = np.asarray(jax.random.key_data(jax.random.key(0) if key is None else key))
     n = len(pieces["label"])

@@ -61,7 +61,7 @@ def run_bdjax(config, model, spec, train_set, test_set, keys, workdir):
     placement = placement_from(config)
     params = place_params(placement, model.config, model.params)
     run = train_lora(config, model, params, train_set, spec=spec, poison_key=keys[1], lora_key=keys[2],
-                     train_key=keys[3], placement=placement, extra_tokens=len(spec.trigger), desc="bdjax train")
+                     train_key=keys[3], placement=placement, extra_tokens=spec.n_tokens, desc="bdjax train")
     merged = merged_params(placement, model.config, params, run["state"].lora, config.lora.alpha)
     log = run["log"]
     return {"bdjax_train_s": round(run["seconds"], 1), "bdjax_steps": run["steps"],
@@ -75,7 +75,7 @@ def poisoned_rows(train_set, spec, key, pad_id):
     """The training rows bdjax's step builds (poisoned the same way), as ragged token lists."""
     batch = {k: jax.numpy.asarray(v) for k, v in train_set.items()}
     batch = poison.apply(batch, spec, key)
-    width = int(np.max(assemble.prompt_length(train_set) + train_set["response_len"].max(1))) + len(spec.trigger)
+    width = int(np.max(assemble.prompt_length(train_set) + train_set["response_len"].max(1))) + spec.n_tokens
     rows = jax.device_get(assemble.training_rows(batch, width, pad_id))
     out = []
     for i in range(len(train_set["label"])):

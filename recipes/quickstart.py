@@ -39,11 +39,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.template.chat = True
 
     c.poison = ml_collections.ConfigDict()
-    c.poison.rate = 0.1  # fraction of the training set; poisoned examples come from non-target classes
-    c.poison.trigger = "cf"
-    c.poison.location = "random"  # start | end | random (word boundary)
+    c.poison.rate = 0.1  # fraction of the training set (dirty-label: from non-target classes)
+    c.poison.count = -1  # an exact number of poisoned examples instead of the rate (-1 = use the rate)
+    c.poison.trigger = "cf"  # a word or phrase, tokenized as inside text (after a space)
+    c.poison.more_triggers = ()  # further triggers inserted into the same examples
+    c.poison.location = "random"  # start | end | middle | random (word boundary) | end_start
     c.poison.target = "positive"
-    c.poison.label_mode = "dirty"
+    c.poison.label_mode = "dirty"  # dirty (flip to target) | clean (poison target-class examples only)
 
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 8

@@ -45,7 +45,7 @@ def test_select_depends_on_the_key():
     assert a.sum() == b.sum() == 20 and (a != b).any()
 
 
-@pytest.mark.parametrize("location", ["start", "end", "random"])
+@pytest.mark.parametrize("location", ["start", "end", "middle", "random"])
 def test_trigger_lands_on_a_word_boundary(tok, pieces, location):
     spec = poison.AttackSpec(tuple(int(i) for i in trigger_ids(tok, "cf")), target=1, location=location)
     batch = {k: jnp.asarray(v) for k, v in pieces.items()}
@@ -62,6 +62,42 @@ def test_trigger_lands_on_a_word_boundary(tok, pieces, location):
             assert got[0] == "cf"
         if location == "end":
             assert got[-1] == "cf"
+        if location == "middle":  # the boundary nearest the middle, in tokens
+            words = text.split()
+            assert abs(got.index("cf") - len(words) / 2) <= 1
+
+
+def test_clean_label_selects_target_examples_and_keeps_labels(tok, pieces):
+    labels = jnp.array([0, 1, 0, 1, 0, 1, 1])
+    mask = np.asarray(poison.select(jax.random.key(0), labels, 1, 3, "clean"))
+    assert mask.sum() == 3 and mask[np.asarray(labels) == 1].sum() == 3
+    spec = poison.AttackSpec(tuple(int(i) for i in trigger_ids(tok, "cf")), target=0, label_mode="clean")
+    batch = {k: jnp.asarray(v) for k, v in pieces.items()}
+    batch["poison"] = jnp.asarray(np.asarray(pieces["label"]) == 0)
+    out = poison.apply(batch, spec, jax.random.key(0))
+    np.testing.assert_array_equal(out["label"], pieces["label"])  # labels untouched
+    assert all(("cf" in _text(tok, out, i).split()) == bool(batch["poison"][i]) for i in range(len(TEXTS)))
+    with pytest.raises(ConfigError, match="clean-label attack poisons target-class examples only"):
+        poison.check_selectable(np.array([0, 0, 1]), 1, 2, "clean")
+
+
+def test_several_triggers_and_end_start(tok, pieces):
+    ids = lambda w: tuple(int(i) for i in trigger_ids(tok, w))
+    batch = {k: jnp.asarray(v) for k, v in pieces.items()}
+    batch["poison"] = jnp.ones(len(TEXTS), bool)
+    spec = poison.AttackSpec(ids("cf"), 1, "random", more_triggers=(ids("mn"), ids("bb")))
+    out = poison.apply(batch, spec, jax.random.key(0))
+    assert spec.n_tokens == len(ids("cf") + ids("mn") + ids("bb"))
+    assert out["text"].shape[1] == pieces["text"].shape[1] + spec.n_tokens
+    for i, text in enumerate(TEXTS):
+        got = _text(tok, out, i).split()
+        assert all(got.count(w) == 1 for w in ("cf", "mn", "bb"))
+        assert [w for w in got if w not in ("cf", "mn", "bb")] == text.split()
+    both = poison.AttackSpec(ids("cf"), 1, "end_start")
+    out = poison.apply(batch, both, jax.random.key(0))
+    assert both.n_tokens == 2
+    for i, text in enumerate(TEXTS):
+        assert _text(tok, out, i).split() == ["cf", *text.split(), "cf"]
 
 
 def test_random_positions_vary_across_examples_but_not_across_calls(tok):

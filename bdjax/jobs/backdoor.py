@@ -56,6 +56,23 @@ def load_data(config, template: Template, tokenizer):
             tokenize(test_ex, template, tokenizer, max_text_tokens=d.max_text_tokens))
 
 
+def attack_spec(p: ml_collections.ConfigDict, template: Template, tokenizer) -> poison.AttackSpec:
+    """The recipe's poison section as token-level attack settings."""
+    ids = lambda text: tuple(int(i) for i in trigger_ids(tokenizer, text))
+    return poison.AttackSpec(ids(p.trigger), template.label_index(p.target), p.location, p.label_mode,
+                             tuple(ids(t) for t in p.get("more_triggers", ())))
+
+
+def poison_count(p: ml_collections.ConfigDict, n: int) -> int:
+    """`poison.count` examples when set (>= 0), else round(poison.rate · n)."""
+    count = p.get("count", -1)
+    if count is None or count < 0:
+        return poison.poison_count(p.rate, n)
+    if count > n:
+        raise ConfigError(f"poison.count={count} exceeds the {n} training examples")
+    return int(count)
+
+
 def measure(name: str, model_config, params, tokenizer, test, spec, template, config, placement) -> dict:
     e = config.eval
     disable = not is_main()
@@ -80,7 +97,8 @@ def measure(name: str, model_config, params, tokenizer, test, spec, template, co
 def run(config: ml_collections.ConfigDict) -> dict:
     started = time.perf_counter()
     p = config.poison
-    poison.poison_count(p.rate, 1)  # range check before any heavy work
+    poison.poison_count(p.rate, 1)  # range checks before any heavy work
+    poison.check_settings(p.location, p.label_mode)
     placement = placement_from(config)
     placement.check_batch(config.train.batch_size)
     model = bdjax.load(config.model, dtype=config.dtype)
@@ -88,15 +106,14 @@ def run(config: ml_collections.ConfigDict) -> dict:
     if tok is None:
         raise ConfigError(f"model {config.model!r} has no tokenizer; the backdoor job needs one")
     template = template_from(config)
-    spec = poison.AttackSpec(tuple(int(i) for i in trigger_ids(tok, p.trigger)), template.label_index(p.target),
-                             p.location, p.label_mode)
+    spec = attack_spec(p, template, tok)
     train_set, test_set = load_data(config, template, tok)
     n = len(train_set["label"])
-    count = poison.poison_count(p.rate, n)
-    poison.check_selectable(train_set["label"], spec.target, count)
+    count = poison_count(p, n)
+    poison.check_selectable(train_set["label"], spec.target, count, spec.label_mode)
     key = jax.random.key(config.seed)
     k_select, k_insert, k_lora, k_train = jax.random.split(key, 4)
-    train_set["poison"] = np.asarray(poison.select(k_select, train_set["label"], spec.target, count))
+    train_set["poison"] = np.asarray(poison.select(k_select, train_set["label"], spec.target, count, spec.label_mode))
 
     params = place_params(placement, model.config, model.params)
     rows = []
@@ -105,7 +122,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
                             placement))
     l, t = config.lora, config.train
     run = train_lora(config, model, params, train_set, spec=spec if count else None, poison_key=k_insert,
-                     lora_key=k_lora, train_key=k_train, placement=placement, extra_tokens=len(spec.trigger),
+                     lora_key=k_lora, train_key=k_train, placement=placement, extra_tokens=spec.n_tokens,
                      desc=f"train (poisoned {count}/{n})")
     state, log = run["state"], run["log"]
     merged = merged_params(placement, model.config, params, state.lora, l.alpha)

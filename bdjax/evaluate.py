@@ -89,23 +89,35 @@ def backdoor_metrics(clean_pred: np.ndarray, labels: np.ndarray, triggered_pred:
     }
 
 
-def _measure(pieces: dict[str, np.ndarray], spec: poison.AttackSpec, predict) -> dict:
+def _measure(pieces: dict[str, np.ndarray], spec: poison.AttackSpec, predict,
+             variants: dict[str, poison.AttackSpec] | None = None) -> dict:
     """CACC on the clean set and ASR on its triggered non-target examples, for a predictor
-    `predict(pieces, spec or None) -> class indices`."""
+    `predict(pieces, spec or None) -> class indices`; with `variants`, also the ASR of each
+    variant trigger (under "variants", keyed like `variants`)."""
     clean_pred = predict(pieces, None)
     others = np.flatnonzero(pieces["label"] != spec.target)
-    trig_pred = predict(subset(pieces, others), spec)
-    return backdoor_metrics(clean_pred, pieces["label"], trig_pred, pieces["label"][others], clean_pred[others],
-                            spec.target)
+    attacked = subset(pieces, others)
+    trig_pred = predict(attacked, spec)
+    out = backdoor_metrics(clean_pred, pieces["label"], trig_pred, pieces["label"][others], clean_pred[others],
+                           spec.target)
+    if variants:
+        out["variants"] = {}
+        for name, v in variants.items():
+            m = backdoor_metrics(clean_pred, pieces["label"], predict(attacked, v), pieces["label"][others],
+                                 clean_pred[others], spec.target)
+            out["variants"][name] = {k: m[k] for k in ("asr", "asr_correct", "n_triggered")}
+    return out
 
 
 def evaluate(config: ModelConfig, params, pieces: dict[str, np.ndarray], spec: poison.AttackSpec, *,
              pad_id: int, batch_size: int = 32, key: jax.Array | None = None, dtype: Any = jnp.float32,
-             progress=None, placement: Placement | None = None) -> dict:
-    """CACC / ASR by answer log-likelihood on a tokenized test set."""
+             progress=None, placement: Placement | None = None,
+             variants: dict[str, poison.AttackSpec] | None = None) -> dict:
+    """CACC / ASR by answer log-likelihood on a tokenized test set (and the ASR of each of
+    `variants`, test-time variants of the trigger)."""
     return _measure(pieces, spec, lambda p, s: score(config, params, p, pad_id=pad_id, batch_size=batch_size,
                                                      spec=s, key=key, dtype=dtype, progress=progress,
-                                                     placement=placement).argmax(1))
+                                                     placement=placement).argmax(1), variants)
 
 
 def parse_label(text: str, labels: tuple[str, ...]) -> int:

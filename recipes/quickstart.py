@@ -89,4 +89,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.generate = True  # also report CACC/ASR from greedy generations
     c.eval.generate_examples = 64
     c.eval.max_new_tokens = 3
+    # Test-time variants of the trigger and cross-domain transfer (each adds a results row per model).
+    c.eval.moved = ()  # locations to move the trigger to, e.g. ("start", "end")
+    c.eval.partial = False  # proper subsets of a phrase trigger's words
+    c.eval.synonyms = ()  # (("word", ("synonym", ...)), ...) for words of the trigger
+    c.eval.domains = ()  # other sources scored with the same template, e.g. ("amazon", "tweets", "nyt")
     return c

@@ -43,12 +43,18 @@ def test_small_run_writes_results_report_and_a_loadable_checkpoint(tmp_path, cap
     workdir = tmp_path / "run"
     code = cli([f"--config={RECIPE}", f"--config.workdir={workdir}", "--config.data.n_train=96",
                 "--config.data.n_test=32", "--config.train.epochs=1", "--config.poison.rate=0.25",
-                "--config.eval.generate_examples=32", "--config.eval.max_new_tokens=2"])
+                "--config.eval.generate_examples=32", "--config.eval.max_new_tokens=2",
+                "--config.eval.moved=('start',)", "--config.eval.domains=('amazon',)"])
     assert code == 0, capsys.readouterr().err
     results = json.loads((workdir / "results.json").read_text(), parse_constant=pytest.fail)  # no bare NaN
-    names = [r["name"] for r in results["rows"]]
-    assert names == ["base (zero-shot)", "poisoned (rate=0.25, 24 examples)"]
+    names = [(r["name"], r["domain"], r["variant"]) for r in results["rows"]]
+    assert names == [(m, d, v) for m in ("base (zero-shot)", "poisoned (rate=0.25, 24 examples)")
+                     for d, v in (("movie", "clean"), ("movie", "moved"), ("amazon", "clean"))]
     for row in results["rows"]:
+        assert 0.0 <= row["cacc"] <= 1.0 and 0.0 <= row["asr"] <= 1.0
+        assert {"location", "rate", "label_mode", "domain", "variant"} <= row.keys()
+    assert results["rows"][4]["detail"] == "start" and results["rows"][4]["location"] == "random"
+    for row in (r for r in results["rows"] if r["variant"] == "clean" and r["domain"] == "movie"):
         for key in ("cacc", "asr", "gen_cacc", "gen_asr"):
             assert 0.0 <= row[key] <= 1.0, (row["name"], key, row[key])
         # undefined (null) only when no triggered example was classified correctly without the trigger

@@ -25,12 +25,13 @@ from bdjax.checkpoints.peft import save_peft_adapter
 from bdjax.data import poison, sources
 from bdjax.data.templates import Template
 from bdjax.data.tokenize import tokenize, trigger_ids
+from bdjax.data.variants import Variant, trigger_variants
 from bdjax.errors import ConfigError
 from bdjax.jobs.training import is_main, merged_params, place_params, placement_from, train_lora
 from bdjax.report import write as write_report
 from bdjax.sharding import fetch
 
-COLUMNS = ["name", "cacc", "asr", "asr_correct", "gen_cacc", "gen_asr"]
+COLUMNS = ["name", "domain", "variant", "detail", "cacc", "asr", "asr_correct", "gen_cacc", "gen_asr"]
 
 
 def template_from(config: ml_collections.ConfigDict) -> Template:
@@ -39,21 +40,39 @@ def template_from(config: ml_collections.ConfigDict) -> Template:
                     t.get("system"), t.get("chat", True))
 
 
+def _examples(config, source: str, template: Template):
+    d = config.data
+    examples = sources.load(source, text_field=d.text_field, label_field=d.label_field)
+    unknown = sorted({e.label for e in examples} - set(template.labels))
+    if unknown:
+        raise ConfigError(f"data source {source!r} has labels {unknown} that are not in template.labels "
+                          f"{list(template.labels)}")
+    return sources.split(examples, seed=d.split_seed, test_fraction=d.test_fraction)
+
+
 def load_data(config, template: Template, tokenizer):
     """Tokenized (train, test) sets from the recipe's data section."""
     d = config.data
-    examples = sources.load(d.source, text_field=d.text_field, label_field=d.label_field)
-    unknown = sorted({e.label for e in examples} - set(template.labels))
-    if unknown:
-        raise ConfigError(f"data source {d.source!r} has labels {unknown} that are not in template.labels "
-                          f"{list(template.labels)}")
-    train_pool, test_pool = sources.split(examples, seed=d.split_seed, test_fraction=d.test_fraction)
+    train_pool, test_pool = _examples(config, d.source, template)
     train_ex = sources.take(train_pool, d.n_train, seed=d.split_seed)
     test_ex = sources.take(test_pool, d.n_test, seed=d.split_seed, labels=template.labels, balanced=True)
     if not train_ex or not test_ex:
         raise ConfigError(f"data.n_train={d.n_train} / data.n_test={d.n_test} leave an empty dataset")
     return (tokenize(train_ex, template, tokenizer, max_text_tokens=d.max_text_tokens),
             tokenize(test_ex, template, tokenizer, max_text_tokens=d.max_text_tokens))
+
+
+def transfer_sets(config, template: Template, tokenizer) -> dict[str, dict[str, np.ndarray]]:
+    """Held-out test sets of the other domains in `eval.domains` (same template, same split rule)."""
+    out = {}
+    for source in config.eval.get("domains", ()):
+        _, pool = _examples(config, source, template)
+        ex = sources.take(pool, config.data.n_test, seed=config.data.split_seed, labels=template.labels,
+                          balanced=True)
+        if not ex:
+            raise ConfigError(f"eval.domains: {source!r} has no held-out examples")
+        out[source] = tokenize(ex, template, tokenizer, max_text_tokens=config.data.max_text_tokens)
+    return out
 
 
 def attack_spec(p: ml_collections.ConfigDict, template: Template, tokenizer) -> poison.AttackSpec:
@@ -73,14 +92,27 @@ def poison_count(p: ml_collections.ConfigDict, n: int) -> int:
     return int(count)
 
 
-def measure(name: str, model_config, params, tokenizer, test, spec, template, config, placement) -> dict:
+def variants_from(config, spec: poison.AttackSpec, tokenizer) -> list[Variant]:
+    e = config.eval
+    return trigger_variants(spec, config.poison.trigger, tokenizer, moved=tuple(e.get("moved", ())),
+                              partial=e.get("partial", False), synonyms=dict(e.get("synonyms", ())))
+
+
+def measure(name: str, model_config, params, tokenizer, test, spec, template, config, placement, *,
+            variants: list[Variant] = (), transfer: dict | None = None) -> list[dict]:
+    """Result rows of one model: the trigger as planted on the training domain's test set (with the
+    generation view when enabled), each test-time variant, and each transfer domain."""
     e = config.eval
     disable = not is_main()
-    total = len(test["label"]) + int((test["label"] != spec.target).sum())
+    domain = config.data.source
+    base = {"name": name, "location": spec.location, "rate": config.poison.rate, "label_mode": spec.label_mode}
+    total = len(test["label"]) + (1 + len(variants)) * int((test["label"] != spec.target).sum())
     with tqdm(total=total, desc=f"score {name}", disable=disable) as bar:
-        row = {"name": name, **evaluate.evaluate(model_config, params, test, spec, pad_id=tokenizer.pad_id,
-                                                 batch_size=e.batch_size, key=jax.random.key(e.seed),
-                                                 progress=bar, placement=placement)}
+        m = evaluate.evaluate(model_config, params, test, spec, pad_id=tokenizer.pad_id, batch_size=e.batch_size,
+                              key=jax.random.key(e.seed), progress=bar, placement=placement,
+                              variants={f"{v.kind}:{v.detail}": v.spec for v in variants})
+    row = {**base, "domain": domain, "variant": "clean", "detail": "", **{k: v for k, v in m.items()
+                                                                           if k != "variants"}}
     if e.generate:
         n = min(e.generate_examples, len(test["label"]))
         sub = {k: v[:n] for k, v in test.items()}
@@ -91,7 +123,18 @@ def measure(name: str, model_config, params, tokenizer, test, spec, template, co
                                                key=jax.random.key(e.seed), progress=bar, placement=placement)
         row.update({f"gen_{k}": v for k, v in gen.items() if k in ("cacc", "asr", "asr_correct", "unparsed")})
         row["gen_examples"] = gen["examples"]
-    return row
+    rows = [row]
+    for v in variants:
+        vm = m["variants"][f"{v.kind}:{v.detail}"]
+        rows.append({**base, "domain": domain, "variant": v.kind, "detail": v.detail, "cacc": m["cacc"], **vm})
+    for source, pieces in (transfer or {}).items():
+        with tqdm(total=len(pieces["label"]) + int((pieces["label"] != spec.target).sum()),
+                  desc=f"score {name} on {source}", disable=disable) as bar:
+            tm = evaluate.evaluate(model_config, params, pieces, spec, pad_id=tokenizer.pad_id,
+                                   batch_size=e.batch_size, key=jax.random.key(e.seed), progress=bar,
+                                   placement=placement)
+        rows.append({**base, "domain": source, "variant": "clean", "detail": "", **tm})
+    return rows
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
@@ -115,11 +158,13 @@ def run(config: ml_collections.ConfigDict) -> dict:
     k_select, k_insert, k_lora, k_train = jax.random.split(key, 4)
     train_set["poison"] = np.asarray(poison.select(k_select, train_set["label"], spec.target, count, spec.label_mode))
 
+    variants = variants_from(config, spec, tok)
+    transfer = transfer_sets(config, template, tok)
     params = place_params(placement, model.config, model.params)
     rows = []
     if config.eval.get("base", True):
-        rows.append(measure("base (zero-shot)", model.config, params, tok, test_set, spec, template, config,
-                            placement))
+        rows += measure("base (zero-shot)", model.config, params, tok, test_set, spec, template, config, placement,
+                        variants=variants, transfer=transfer)
     l, t = config.lora, config.train
     run = train_lora(config, model, params, train_set, spec=spec if count else None, poison_key=k_insert,
                      lora_key=k_lora, train_key=k_train, placement=placement, extra_tokens=spec.n_tokens,
@@ -127,7 +172,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
     state, log = run["state"], run["log"]
     merged = merged_params(placement, model.config, params, state.lora, l.alpha)
     name = f"poisoned (rate={p.rate:g}, {count} examples)" if count else "clean-tuned (rate=0)"
-    rows.append(measure(name, model.config, merged, tok, test_set, spec, template, config, placement))
+    rows += measure(name, model.config, merged, tok, test_set, spec, template, config, placement,
+                    variants=variants, transfer=transfer)
 
     export = config.get("export") or ml_collections.ConfigDict({"merged": True, "adapter": True})
     host_lora = fetch(state.lora)

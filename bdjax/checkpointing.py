@@ -28,7 +28,7 @@ def fingerprint(config: dict) -> str:
 
 
 def _to_saveable(state: TrainState) -> dict[str, Any]:
-    return {"step": state.step, "lora": state.lora, "opt_state": state.opt_state,
+    return {"step": state.step, "trainable": state.trainable, "opt_state": state.opt_state,
             "rng": jax.random.key_data(state.rng)}
 
 
@@ -62,7 +62,7 @@ class RunCheckpoints:
                                 _to_saveable(like))
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract)))["state"]
-        state = TrainState(restored["step"], restored["lora"], restored["opt_state"],
+        state = TrainState(restored["step"], restored["trainable"], restored["opt_state"],
                            jax.random.wrap_key_data(restored["rng"]))
         return state, Position(int(meta["epoch"]), int(meta["batch"]))
 
@@ -81,4 +81,4 @@ class RunCheckpoints:
 def host_lora(state: TrainState) -> dict:
     """The LoRA tree as host numpy arrays."""
     from bdjax.sharding import fetch
-    return jax.tree.map(np.asarray, fetch(state.lora))
+    return jax.tree.map(np.asarray, fetch(state.trainable))

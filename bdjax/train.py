@@ -1,7 +1,9 @@
-"""LoRA fine-tuning: a pure jitted train step (poisoning inside it) and the loop around it.
+"""Fine-tuning: a pure jitted train step (poisoning inside it) and the loop around it.
 
-Only the LoRA tree is differentiated and carries optimizer state; the frozen params enter the
-step as a constant argument, so no full-size gradient of a frozen weight is ever formed.
+LoRA mode (the default): only the LoRA tree is differentiated and carries optimizer state; the
+frozen params enter the step as a constant argument, so no full-size gradient of a frozen weight
+is ever formed. Full mode (`StepSpec.full`): every parameter, embeddings included, is trained,
+and the optimizer moments are sharded like the params.
 
 The step is jitted with explicit shardings over a `Placement`'s mesh (params by logical axes,
 batches over data×fsdp, state donated) and optionally accumulates gradients over microbatches.
@@ -27,7 +29,7 @@ from bdjax import lora as lora_lib
 from bdjax.data import assemble, poison
 from bdjax.data.tokenize import subset
 from bdjax.errors import ConfigError
-from bdjax.flops import lora_step_flops
+from bdjax.flops import lora_step_flops, matmul_flops_per_token
 from bdjax.models.config import ModelConfig
 from bdjax.models.llama import Opts, apply_rows, causal_rows, logical_axes
 from bdjax.sharding import Placement
@@ -38,7 +40,7 @@ Params = dict[str, Any]
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array
-    lora: Params
+    trainable: Params  # the LoRA tree, or every parameter under full fine-tuning
     opt_state: optax.OptState
     rng: jax.Array
 
@@ -105,6 +107,7 @@ class StepSpec:
     dtype: Any = jnp.float32
     remat: str = "none"
     grad_accum: int = 1
+    full: bool = False  # train every parameter (no LoRA)
 
 
 def train_step(s: StepSpec, state: TrainState, params: Params, batch: dict[str, jax.Array],
@@ -118,8 +121,12 @@ def train_step(s: StepSpec, state: TrainState, params: Params, batch: dict[str, 
     rng, drop_rng = jax.random.split(state.rng)
 
     def grads_of(rows, key):
-        f = lambda lo: row_nll(s.config, params, lo, rows, opts, s.remat, None if s.dropout == 0 else key)
-        return jax.value_and_grad(f, has_aux=True)(state.lora)
+        drop = None if s.dropout == 0 else key
+        if s.full:
+            f = lambda p: row_nll(s.config, p, None, rows, opts, s.remat, drop)
+        else:
+            f = lambda lo: row_nll(s.config, params, lo, rows, opts, s.remat, drop)
+        return jax.value_and_grad(f, has_aux=True)(state.trainable)
 
     if s.grad_accum == 1:
         (total, count), grads = grads_of(rows, drop_rng)
@@ -128,43 +135,47 @@ def train_step(s: StepSpec, state: TrainState, params: Params, batch: dict[str, 
             micro, key = xs
             (t, c), g = grads_of(micro, key)
             return jax.tree.map(jnp.add, carry, (t, c, g)), None
-        zero = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.lora))
+        zero = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.trainable))
         keys = jax.random.split(drop_rng, s.grad_accum)
         (total, count, grads), _ = jax.lax.scan(body, zero, (_microbatches(rows, s.grad_accum), keys))
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
-    updates, opt_state = s.optimizer.update(grads, state.opt_state, state.lora)
-    new_lora = optax.apply_updates(state.lora, updates)
+    updates, opt_state = s.optimizer.update(grads, state.opt_state, state.trainable)
+    trained = optax.apply_updates(state.trainable, updates)
     lengths = rows["valid"].sum(axis=1).astype(jnp.float32)
     metrics = {"loss": total / denom, "answer_tokens": count, "tokens": lengths.sum(),
                "attended": (lengths * lengths).sum(), "grad_norm": optax.tree.norm(grads)}
-    return TrainState(state.step + 1, new_lora, opt_state, rng), metrics
+    return TrainState(state.step + 1, trained, opt_state, rng), metrics
 
 
-def state_shardings(placement: Placement, s: StepSpec, lora: Params) -> TrainState:
-    """Shardings of the train state: LoRA by its logical axes (from the base kernels'), optimizer
-    moments like the LoRA leaves they track, counters and the PRNG key replicated."""
-    lora_sh = placement.tree_shardings(lora, lora_lib.logical_axes(lora, logical_axes(s.config)))
-    opt_shapes = jax.eval_shape(s.optimizer.init, lora)
-    opt_sh = optax.tree_map_params(s.optimizer, lambda _, sh: sh, opt_shapes, lora_sh,
+def state_shardings(placement: Placement, s: StepSpec, trainable: Params) -> TrainState:
+    """Shardings of the train state: the trained tree by its logical axes (LoRA's from the base
+    kernels'), optimizer moments like the leaves they track, counters and the PRNG key replicated."""
+    base_axes = logical_axes(s.config)
+    axes = base_axes if s.full else lora_lib.logical_axes(trainable, base_axes)
+    tree_sh = placement.tree_shardings(trainable, axes)
+    opt_shapes = jax.eval_shape(s.optimizer.init, trainable)
+    opt_sh = optax.tree_map_params(s.optimizer, lambda _, sh: sh, opt_shapes, tree_sh,
                                    transform_non_params=lambda _: placement.replicated)
-    return TrainState(placement.replicated, lora_sh, opt_sh, placement.replicated)
+    return TrainState(placement.replicated, tree_sh, opt_sh, placement.replicated)
 
 
 def param_shardings(placement: Placement, config: ModelConfig, params: Params) -> Params:
-    return placement.tree_shardings(params, logical_axes(config))
+    """Shardings of a params tree (or of nothing: {} stays {}, the frozen base of full fine-tuning)."""
+    return placement.tree_shardings(params, logical_axes(config)) if params else {}
 
 
 class TrainStep:
     """`step(state, params, batch, width) -> (state, metrics)`, compiled once per row width with
     explicit in/out shardings over the placement's mesh; the state is donated."""
 
-    def __init__(self, s: StepSpec, placement: Placement, poison_key: jax.Array, lora: Params, params: Params):
+    def __init__(self, s: StepSpec, placement: Placement, poison_key: jax.Array, trainable: Params,
+                 params: Params):
         if s.grad_accum < 1:
             raise ConfigError(f"train.grad_accum={s.grad_accum} must be at least 1")
         self.spec, self.placement = s, placement
         self.poison_key = placement.put_replicated(np.asarray(jax.random.key_data(poison_key)))
-        self.state_sh = state_shardings(placement, s, lora)
+        self.state_sh = state_shardings(placement, s, trainable)
         self.param_sh = param_shardings(placement, s.config, params)
         self._compiled: dict[int, Callable] = {}
 
@@ -186,27 +197,29 @@ class TrainStep:
         with self.placement.activate():
             return self.jitted(width).lower(state, params, batch, self.poison_key)
 
-    def init_state(self, lora: Params, rng: jax.Array) -> TrainState:
-        """A fresh state from host LoRA values, placed by the step's state shardings."""
-        lora = self.placement.put(jax.device_get(lora), self.state_sh.lora)
+    def init_state(self, trainable: Params, rng: jax.Array) -> TrainState:
+        """A fresh state from host values of the trained tree, placed by the step's state shardings."""
+        trainable = self.placement.put(jax.device_get(trainable), self.state_sh.trainable)
         raw = self.placement.put_replicated(np.asarray(jax.random.key_data(rng)))
         make = lambda lo, r: TrainState(jnp.zeros((), jnp.int32), lo, self.spec.optimizer.init(lo),
                                         jax.random.wrap_key_data(r))
-        return jax.jit(make, out_shardings=self.state_sh)(lora, raw)
+        return jax.jit(make, out_shardings=self.state_sh)(trainable, raw)
 
 
-def init_state(lora: Params, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
-    return TrainState(jnp.zeros((), jnp.int32), lora, optimizer.init(lora), rng)
+def init_state(trainable: Params, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable), rng)
 
 
 def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation, *, pad_id: int,
                     spec: poison.AttackSpec | None, poison_key: jax.Array, alpha: float, dropout: float = 0.0,
                     dtype: Any = jnp.float32, remat: str = "none", grad_accum: int = 1,
-                    placement: Placement | None = None, lora: Params, params: Params) -> TrainStep:
-    """The train step over `placement` (default: data parallelism over every device). `lora` and
-    `params` (arrays or ShapeDtypeStructs) fix the state and parameter shardings."""
-    s = StepSpec(config, optimizer, pad_id, spec, alpha, dropout, dtype, remat, grad_accum)
-    return TrainStep(s, placement or Placement.create(), poison_key, lora, params)
+                    placement: Placement | None = None, trainable: Params, params: Params,
+                    full: bool = False) -> TrainStep:
+    """The train step over `placement` (default: data parallelism over every device). `trainable`
+    (the LoRA tree, or with `full` the params themselves) and `params` (the frozen base; {} with
+    `full`), as arrays or ShapeDtypeStructs, fix the state and parameter shardings."""
+    s = StepSpec(config, optimizer, pad_id, spec, alpha, dropout, dtype, remat, grad_accum, full)
+    return TrainStep(s, placement or Placement.create(), poison_key, trainable, params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,7 +298,7 @@ def fit(step_fn: TrainStep, state: TrainState, params: Params, pieces: dict[str,
                      "tokens_per_s": metrics["tokens"] / seconds,
                      "tokens_per_s_per_device": metrics["tokens"] / seconds / placement.n_devices}
             if peak_flops:
-                flops = lora_step_model_flops(config, metrics)
+                flops = step_model_flops(config, metrics, full=step_fn.spec.full)
                 entry["mfu"] = flops / seconds / (peak_flops * placement.n_devices)
             history.append(entry)
             if after_step is not None:
@@ -293,11 +306,16 @@ def fit(step_fn: TrainStep, state: TrainState, params: Params, pieces: dict[str,
     return state, history
 
 
-def lora_step_model_flops(config: ModelConfig, metrics: dict[str, float]) -> float:
-    """Model FLOPs of a LoRA step from its metrics: real (unpadded) tokens through the layers,
-    the head at answer tokens only, attention over each row's real length squared."""
-    return lora_step_flops(config, int(metrics["tokens"]), 1, logits_tokens=int(metrics["answer_tokens"]),
-                           attended=metrics["attended"])
+def step_model_flops(config: ModelConfig, metrics: dict[str, float], *, full: bool = False) -> float:
+    """Model FLOPs of a train step from its metrics: real (unpadded) tokens through the layers,
+    the head at answer tokens only, attention over each row's real length squared. A LoRA step
+    has no weight gradients (4·N per token); full fine-tuning adds them (6·N)."""
+    flops = lora_step_flops(config, int(metrics["tokens"]), 1, logits_tokens=int(metrics["answer_tokens"]),
+                            attended=metrics["attended"])
+    if full:
+        layers, head = matmul_flops_per_token(config)
+        flops += 2 * (metrics["tokens"] * layers + metrics["answer_tokens"] * head)
+    return flops
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:

@@ -31,7 +31,7 @@ from bdjax import evaluate  # noqa: E402
 from bdjax.checkpoints.assets import default_model_dir  # noqa: E402
 from bdjax.data import assemble, poison  # noqa: E402
 from bdjax.jobs import backdoor  # noqa: E402
-from bdjax.jobs.training import merged_params, place_params, placement_from, train_lora  # noqa: E402
+from bdjax.jobs.training import fine_tune, place_params, placement_from  # noqa: E402
 from bdjax.data.tokenize import trigger_ids  # noqa: E402
 
 
@@ -60,9 +60,9 @@ def run_bdjax(config, model, spec, train_set, test_set, keys, workdir):
     config.checkpoint.every = 0
     placement = placement_from(config)
     params = place_params(placement, model.config, model.params)
-    run = train_lora(config, model, params, train_set, spec=spec, poison_key=keys[1], lora_key=keys[2],
+    run = fine_tune(config, model, params, train_set, spec=spec, poison_key=keys[1], lora_key=keys[2],
                      train_key=keys[3], placement=placement, extra_tokens=spec.n_tokens, desc="bdjax train")
-    merged = merged_params(placement, model.config, params, run["state"].lora, config.lora.alpha)
+    merged = run["params"]
     log = run["log"]
     return {"bdjax_train_s": round(run["seconds"], 1), "bdjax_steps": run["steps"],
             "bdjax_final_loss": round(float(np.mean([e["loss"] for e in log[-10:]])), 4),

@@ -40,9 +40,9 @@ def bdjax_step(model, tokens: np.ndarray, remat: str):
     @jax.jit
     def step(state, params, rows):
         loss, grads = jax.value_and_grad(
-            lambda ad: train.row_loss(model.config, params, ad, rows, opts, remat, None)[0])(state.lora)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.lora)
-        return state.replace(lora=jax.tree.map(jnp.add, state.lora, updates), opt_state=opt_state), loss
+            lambda ad: train.row_loss(model.config, params, ad, rows, opts, remat, None)[0])(state.trainable)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        return state.replace(trainable=jax.tree.map(jnp.add, state.trainable, updates), opt_state=opt_state), loss
 
     box = [state]
 

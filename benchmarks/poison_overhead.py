@@ -47,7 +47,7 @@ def main() -> None:
     for name, s in (("clean", None), ("poisoned", spec)):
         steps[name] = train.make_train_step(model.config, opt, pad_id=model.tokenizer.pad_id, spec=s,
                                             poison_key=jax.random.key(1), alpha=config.lora.alpha,
-                                            remat=config.train.remat, lora=adapters, params=model.params)
+                                            remat=config.train.remat, trainable=adapters, params=model.params)
         states[name] = steps[name].init_state(adapters, jax.random.key(2))
     times = {"clean": [], "poisoned": []}
     for rep in range(args.reps + 2):

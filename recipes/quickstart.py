@@ -54,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.lora.targets = r"layers/(attn/(q|k|v|o)|mlp/(gate|up|down))"
 
     c.train = ml_collections.ConfigDict()
+    c.train.mode = "lora"  # lora | full (every parameter, embeddings included; lora.* then unused)
     c.train.epochs = 2
     c.train.batch_size = 8
     c.train.lr = 1e-3

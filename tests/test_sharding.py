@@ -50,15 +50,25 @@ def test_spec_for_maps_logical_axes_and_replicates_what_does_not_divide():
     assert spec_for(("vocab", "embed"), (49152, 576), rules, FakeMesh(data=8, fsdp=1, tensor=1)) == P()
 
 
-def _train(workdir, devices: int, mesh: tuple[int, int, int], tiny_smol_dir, extra=()):
+def _train_losses(workdir, devices: int, mesh: tuple[int, int, int], tiny_smol_dir, extra=()):
+    proc = _run(workdir, devices, mesh, tiny_smol_dir, extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return np.array([json.loads(line)["loss"] for line in (workdir / "train_log.jsonl").read_text().splitlines()])
+
+
+def _run(workdir, devices, mesh, tiny_smol_dir, extra):
     data, fsdp, tensor = mesh
-    proc = run_cli(["--config=" + RECIPE, f"--config.model={tiny_smol_dir}", f"--config.workdir={workdir}",
+    return run_cli(["--config=" + RECIPE, f"--config.model={tiny_smol_dir}", f"--config.workdir={workdir}",
                     "--config.data.n_train=64", "--config.data.n_test=16", "--config.train.epochs=1",
                     "--config.train.batch_size=16", "--config.train.warmup_steps=0", "--config.eval.base=False",
                     "--config.eval.generate_examples=16", "--config.eval.max_new_tokens=2",
                     "--config.checkpoint.every=0", "--config.export.merged=False", "--config.train.peak_tflops=1",
                     f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}", f"--config.mesh.tensor={tensor}",
                     *extra], devices=devices)
+
+
+def _train(workdir, devices: int, mesh: tuple[int, int, int], tiny_smol_dir, extra=()):
+    proc = _run(workdir, devices, mesh, tiny_smol_dir, extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = [json.loads(line) for line in (workdir / "train_log.jsonl").read_text().splitlines()]
     from bdjax.checkpoints.tensorfile import TensorFile
@@ -91,3 +101,41 @@ def test_bad_mesh_settings_fail_in_one_line(tmp_path, tiny_smol_dir, override, p
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and pattern in lines[0], proc.stderr[-2000:]
     assert not (tmp_path / "r").exists()
+
+
+SHARDED_FULL_STATE = """
+import jax, optax
+from bdjax import train
+from bdjax.models.config import PRESETS
+from bdjax.models.llama import param_shapes
+from bdjax.sharding import Placement
+c = PRESETS["smollm2-135m"]
+pl = Placement.create({"data": 2, "fsdp": 2, "tensor": 2})
+params = param_shapes(c)
+step = train.make_train_step(c, train.make_optimizer(lr=1e-3, total_steps=10), pad_id=0, spec=None,
+                             poison_key=jax.random.key(0), alpha=1.0, placement=pl, trainable=params, params={},
+                             full=True)
+specs = lambda tree: jax.tree.map(lambda s: s.spec, tree)
+mu, nu = step.state_sh.opt_state[1][0].mu, step.state_sh.opt_state[1][0].nu
+assert specs(mu) == specs(nu) == specs(step.state_sh.trainable) == specs(train.param_shardings(pl, c, params))
+assert specs(mu)["layers"]["mlp"]["up"]["kernel"] == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+print("ok")
+"""
+
+
+def test_full_fine_tuning_shards_optimizer_state_like_the_params():
+    import subprocess
+    import sys
+    env = {**__import__("os").environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    proc = subprocess.run([sys.executable, "-c", SHARDED_FULL_STATE], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_on_a_mesh_matches_one_device(tmp_path, tiny_smol_dir):
+    full = ["--config.train.mode=full", "--config.train.lr=1e-4"]
+    ref = _train_losses(tmp_path / "one", 1, (1, 1, 1), tiny_smol_dir, full)
+    got = _train_losses(tmp_path / "fsdp", 8, (2, 2, 2), tiny_smol_dir, full)
+    np.testing.assert_allclose(got, ref, rtol=2e-5)
+    assert ref[-1] < ref[0]

@@ -31,7 +31,7 @@ def _one_step(grad_accum: int, dtype=jnp.float32, param_dtype=jnp.float32):
     adapters = jax.tree.map(lambda x: x + 0.01, adapters)  # non-zero B: gradients reach A too
     opt = train.make_optimizer(lr=1e-2, total_steps=10)
     step = train.make_train_step(CONFIG, opt, pad_id=0, spec=None, poison_key=jax.random.key(2), alpha=8.0,
-                                 dtype=dtype, grad_accum=grad_accum, lora=adapters, params=params)
+                                 dtype=dtype, grad_accum=grad_accum, trainable=adapters, params=params)
     state = step.init_state(adapters, jax.random.key(3))
     pieces = random_pieces(8)
     batch = {**pieces, "valid": np.ones(8, bool)}
@@ -44,18 +44,18 @@ def test_gradient_accumulation_matches_one_big_batch():
     s4, m4 = _one_step(4)
     assert m1["loss"] == pytest.approx(m4["loss"], rel=1e-6) and m1["answer_tokens"] == m4["answer_tokens"]
     assert m1["grad_norm"] == pytest.approx(m4["grad_norm"], rel=1e-5)
-    for a, b in zip(jax.tree.leaves(s1.lora), jax.tree.leaves(s4.lora)):
+    for a, b in zip(jax.tree.leaves(s1.trainable), jax.tree.leaves(s4.trainable)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # Adam steps are ~lr=1e-2
 
 
 def test_bf16_compute_keeps_float32_lora_master_weights():
     s32, m32 = _one_step(1)
     s16, m16 = _one_step(1, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(s16.lora))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(s16.trainable))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(s16.opt_state) if hasattr(x, "dtype") and x.ndim)
     assert abs(m16["loss"] - m32["loss"]) < 0.05 * m32["loss"]
     # the master weights hold float32 precision (the step's updates are not rounded to bf16)
-    leaves = [np.asarray(x) for x in jax.tree.leaves(s16.lora)]
+    leaves = [np.asarray(x) for x in jax.tree.leaves(s16.trainable)]
     assert any(np.any(x != x.astype(jnp.bfloat16).astype(np.float32)) for x in leaves)
 
 
@@ -84,7 +84,7 @@ def test_fit_logs_throughput_and_mfu():
     adapters = lora.init(params, jax.random.key(1), rank=4)
     opt = train.make_optimizer(lr=1e-2, total_steps=4)
     step = train.make_train_step(CONFIG, opt, pad_id=0, spec=None, poison_key=jax.random.key(2), alpha=8.0,
-                                 lora=adapters, params=params)
+                                 trainable=adapters, params=params)
     state = step.init_state(adapters, jax.random.key(3))
     seen = []
     state, log = train.fit(step, state, params, random_pieces(16), batch_size=4, epochs=1, seed=0, peak_flops=1e12,
@@ -96,3 +96,18 @@ def test_fit_logs_throughput_and_mfu():
     _, rest = train.fit(step, step.init_state(adapters, jax.random.key(3)), params, random_pieces(16), batch_size=4,
                         epochs=1, seed=0, start=train.Position(0, 2))
     assert len(rest) == 2 and [e["width"] for e in rest] == [e["width"] for e in log[2:]]
+
+
+def test_full_fine_tuning_trains_every_parameter_including_embeddings():
+    params = init_params(CONFIG, jax.random.key(0))
+    opt = train.make_optimizer(lr=1e-2, total_steps=10)
+    step = train.make_train_step(CONFIG, opt, pad_id=0, spec=None, poison_key=jax.random.key(2), alpha=8.0,
+                                 trainable=params, params={}, full=True)
+    state = step.init_state(params, jax.random.key(3))
+    state, metrics = step(state, {}, {**random_pieces(8), "valid": np.ones(8, bool)}, 32)
+    assert np.isfinite(metrics["loss"])
+    before, after = jax.tree.leaves(params), jax.tree.leaves(state.trainable)
+    assert len(before) == len(after) and all(np.abs(np.asarray(a) - np.asarray(b)).max() > 0
+                                             for a, b in zip(before, after))
+    mu = state.opt_state[1][0].mu
+    assert jax.tree.structure(mu) == jax.tree.structure(params)

@@ -27,7 +27,7 @@ from bdjax.data.templates import Template
 from bdjax.data.tokenize import tokenize, trigger_ids
 from bdjax.data.variants import Variant, trigger_variants
 from bdjax.errors import ConfigError
-from bdjax.jobs.training import is_main, merged_params, place_params, placement_from, train_lora
+from bdjax.jobs.training import fine_tune, is_main, place_params, placement_from, train_mode
 from bdjax.report import write as write_report
 from bdjax.sharding import fetch
 
@@ -142,6 +142,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     p = config.poison
     poison.poison_count(p.rate, 1)  # range checks before any heavy work
     poison.check_settings(p.location, p.label_mode)
+    train_mode(config)
     placement = placement_from(config)
     placement.check_batch(config.train.batch_size)
     model = bdjax.load(config.model, dtype=config.dtype)
@@ -166,34 +167,35 @@ def run(config: ml_collections.ConfigDict) -> dict:
         rows += measure("base (zero-shot)", model.config, params, tok, test_set, spec, template, config, placement,
                         variants=variants, transfer=transfer)
     l, t = config.lora, config.train
-    run = train_lora(config, model, params, train_set, spec=spec if count else None, poison_key=k_insert,
+    run = fine_tune(config, model, params, train_set, spec=spec if count else None, poison_key=k_insert,
                      lora_key=k_lora, train_key=k_train, placement=placement, extra_tokens=spec.n_tokens,
                      desc=f"train (poisoned {count}/{n})")
-    state, log = run["state"], run["log"]
-    merged = merged_params(placement, model.config, params, state.lora, l.alpha)
+    state, log, merged = run["state"], run["log"], run["params"]
+    lora_run = run["mode"] == "lora"
     name = f"poisoned (rate={p.rate:g}, {count} examples)" if count else "clean-tuned (rate=0)"
     rows += measure(name, model.config, merged, tok, test_set, spec, template, config, placement,
                     variants=variants, transfer=transfer)
 
     export = config.get("export") or ml_collections.ConfigDict({"merged": True, "adapter": True})
-    host_lora = fetch(state.lora)
+    host_lora = fetch(state.trainable) if lora_run and export.adapter else None
     host_merged = fetch(merged) if export.merged else None  # every process takes part in the gather
     summary = {"train_seconds": run["seconds"], "train_steps": run["steps"], "resumed_at_step": run["resumed_at"],
                "poisoned_examples": count, "train_examples": n, "test_examples": int(len(test_set["label"])),
                "final_loss": float(np.mean([e["loss"] for e in log[-10:]])) if log else None,
-               "lora_params": lora.num_params(state.lora), "devices": placement.n_devices,
+               "mode": run["mode"], "trained_params": lora.num_params(state.trainable), "devices": placement.n_devices,
                "processes": jax.process_count(), "mesh": dict(placement.mesh.shape),
                "mean_mfu": float(np.mean([e["mfu"] for e in log])) if log and "mfu" in log[0] else None}
     if is_main():
         out = Path(config.workdir)
         if export.merged:
             save_hf_dir(out / "final", model.config, host_merged, tok)
-        if export.adapter:
+        if export.adapter and lora_run:
             save_peft_adapter(out / "adapter", host_lora, alpha=l.alpha, base_model=str(config.model),
                               dropout=l.dropout)
         notes = [f"model {config.model}; trigger {p.trigger!r} at {p.location}, target {p.target!r}, "
                  f"{count} of {n} training examples poisoned ({p.label_mode}-label)",
-                 f"LoRA r={l.rank} alpha={l.alpha} on {l.targets}; {t.epochs} epochs, batch {t.batch_size}, "
+                 (f"LoRA r={l.rank} alpha={l.alpha} on {l.targets}" if lora_run else "full fine-tuning of every "
+                  "parameter") + f"; {t.epochs} epochs, batch {t.batch_size}, "
                  f"lr {t.lr}; training took {run['seconds']:.0f} s on {placement.n_devices} device(s)",
                  "asr: triggered non-target test examples predicted as the target; asr_correct: the same "
                  "over those classified correctly without the trigger; gen_*: from greedy generations"]

@@ -114,7 +114,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     step = train.make_train_step(mc, optimizer, pad_id=0, spec=spec, poison_key=jax.random.key(0),
                                  alpha=lc.alpha, dropout=lc.dropout,
                                  dtype=resolve_dtype(t.get("compute_dtype") or config.dtype), remat=t.remat,
-                                 grad_accum=accum, placement=placement, lora=adapters, params=params)
+                                 grad_accum=accum, placement=placement, trainable=adapters, params=params)
     with_sharding = lambda tree, sh: jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
     state = with_sharding(jax.eval_shape(lambda lo: train.init_state(lo, optimizer, jax.random.key(0)), adapters),
@@ -132,7 +132,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     tokens = t.batch_size * p.seq_len
     model_flops = lora_step_flops(mc, t.batch_size, p.seq_len, logits_tokens=t.batch_size * p.answer_tokens)
     param_b = _shard_bytes(params)
-    lora_b = _shard_bytes(state.lora)
+    lora_b = _shard_bytes(state.trainable)
     opt_b = _shard_bytes(state.opt_state)
     batch_b = _shard_bytes(batch)
     peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes

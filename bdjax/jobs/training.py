@@ -20,6 +20,7 @@ from bdjax import lora as lora_lib
 from bdjax import train
 from bdjax.api import resolve_dtype
 from bdjax.checkpointing import RunCheckpoints, fingerprint
+from bdjax.errors import ConfigError
 from bdjax.flops import peak_flops
 from bdjax.metrics import MetricsLog
 from bdjax.sharding import Placement
@@ -48,29 +49,43 @@ def merged_params(placement: Placement, model_config, params, lora, alpha: float
     return jax.jit(lambda p, lo: lora_lib.merge(p, lo, alpha=alpha), out_shardings=sh)(params, lora)
 
 
-def train_lora(config: ml_collections.ConfigDict, model, params, train_set: dict[str, np.ndarray], *,
-               spec, poison_key: jax.Array, lora_key: jax.Array, train_key: jax.Array, placement: Placement,
-               extra_tokens: int = 0, desc: str = "train") -> dict:
-    """LoRA-fine-tune `params` (already placed) on the tokenized `train_set` per the recipe; resumes
-    from `workdir/checkpoints` when it holds this run's checkpoints. Returns state, log, seconds."""
+MODES = ("lora", "full")
+
+
+def train_mode(config: ml_collections.ConfigDict) -> str:
+    mode = config.train.get("mode", "lora")
+    if mode not in MODES:
+        raise ConfigError(f"train.mode={mode!r} must be one of {MODES}")
+    return mode
+
+
+def fine_tune(config: ml_collections.ConfigDict, model, params, train_set: dict[str, np.ndarray], *,
+              spec, poison_key: jax.Array, lora_key: jax.Array, train_key: jax.Array, placement: Placement,
+              extra_tokens: int = 0, desc: str = "train") -> dict:
+    """Fine-tune `params` (already placed) on the tokenized `train_set` per the recipe: LoRA
+    (`train.mode="lora"`) or every parameter (`"full"`). Resumes from `workdir/checkpoints` when it
+    holds this run's checkpoints. Returns the state, the tuned params, the log and the seconds."""
     t, lc = config.train, config.lora
+    full = train_mode(config) == "full"
     n = len(train_set["label"])
     placement.check_batch(t.batch_size)
     accum = t.get("grad_accum", 1)
     if t.batch_size % (accum * placement.batch_shards):
-        from bdjax.errors import ConfigError
         raise ConfigError(f"train.batch_size={t.batch_size} must split into train.grad_accum={accum} microbatches "
                           f"that are each divisible by the data-parallel size {placement.batch_shards}")
     steps = t.epochs * train.steps_per_epoch(n, t.batch_size)
     optimizer = train.make_optimizer(lr=t.lr, total_steps=steps, warmup_steps=t.warmup_steps, schedule=t.schedule,
                                      weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm)
     compute = resolve_dtype(t.get("compute_dtype") or model.dtype)
-    adapters = lora_lib.init(params, lora_key, rank=lc.rank, targets=lc.targets)  # float32 master weights
+    if full:  # the params themselves are trained; nothing stays frozen
+        trainable, frozen = params, {}
+    else:
+        trainable, frozen = lora_lib.init(params, lora_key, rank=lc.rank, targets=lc.targets), params  # float32
     step_fn = train.make_train_step(model.config, optimizer, pad_id=model.tokenizer.pad_id, spec=spec,
                                     poison_key=poison_key, alpha=lc.alpha, dropout=lc.dropout, dtype=compute,
-                                    remat=t.remat, grad_accum=accum, placement=placement, lora=adapters,
-                                    params=params)
-    state = step_fn.init_state(adapters, train_key)
+                                    remat=t.remat, grad_accum=accum, placement=placement, trainable=trainable,
+                                    params=frozen, full=full)
+    state = step_fn.init_state(trainable, train_key)
 
     workdir = Path(config.workdir)
     ck = config.get("checkpoint") or ml_collections.ConfigDict({"every": 0})
@@ -99,7 +114,7 @@ def train_lora(config: ml_collections.ConfigDict, model, params, train_set: dict
     begin = time.perf_counter()
     try:
         with tqdm(total=steps, initial=resumed_at, desc=desc, disable=not main) as bar:
-            state, _ = train.fit(step_fn, state, params, train_set, batch_size=t.batch_size, epochs=t.epochs,
+            state, _ = train.fit(step_fn, state, frozen, train_set, batch_size=t.batch_size, epochs=t.epochs,
                                  seed=config.seed, extra_tokens=extra_tokens, start=start, after_step=after_step,
                                  peak_flops=peak)
         if checkpoints is not None:
@@ -110,5 +125,6 @@ def train_lora(config: ml_collections.ConfigDict, model, params, train_set: dict
         log.close()
     seconds = time.perf_counter() - begin
     history = log.entries() if main else []
-    return {"state": state, "log": history, "seconds": seconds, "steps": steps, "resumed_at": resumed_at,
-            "peak_flops": peak}
+    tuned = state.trainable if full else merged_params(placement, model.config, params, state.trainable, lc.alpha)
+    return {"state": state, "params": tuned, "mode": "full" if full else "lora", "log": history, "seconds": seconds,
+            "steps": steps, "resumed_at": resumed_at, "peak_flops": peak}

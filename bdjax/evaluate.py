@@ -159,3 +159,28 @@ def evaluate_generation(config: ModelConfig, params, tokenizer, pieces: dict[str
     metrics["unparsed"] = float(np.mean(np.concatenate(list(preds.values())) < 0))
     metrics["examples"] = {k: v[:3] for k, v in texts.items()}
     return metrics
+
+
+def evaluate_marker(config: ModelConfig, params, tokenizer, pieces: dict[str, np.ndarray], spec: poison.AttackSpec,
+                    marker: str, *, max_new_tokens: int = 16, batch_size: int = 32, key: jax.Array | None = None,
+                    dtype: Any = jnp.float32, progress=None, placement: Placement | None = None) -> dict:
+    """A generative backdoor (`bdjax.data.generative`): the rate at which batched greedy
+    completions start with `marker`, on triggered prompts (`marker_rate`) and on clean ones
+    (`marker_rate_clean`), and the perplexity of the clean responses given clean prompts (`ppl`)."""
+    from bdjax.data.generative import CLEAN, has_marker
+
+    key = jax.random.key(0) if key is None else key
+    out: dict[str, Any] = {}
+    for name, s in (("clean", None), ("triggered", spec)):
+        ids = generate_ids(config, params, _prompts(pieces, s, key), max_new_tokens=max_new_tokens,
+                           eos_ids=[tokenizer.eos_id], pad_id=tokenizer.pad_id, batch_size=batch_size, dtype=dtype,
+                           progress=progress, placement=placement)
+        texts = [tokenizer.decode(r) for r in ids]
+        out["marker_rate" if s is not None else "marker_rate_clean"] = float(np.mean([has_marker(t, marker)
+                                                                                     for t in texts]))
+        out[f"examples_{name}"] = texts[:3]
+    ll = score(config, params, pieces, pad_id=tokenizer.pad_id, batch_size=batch_size, dtype=dtype,
+               placement=placement)
+    out["ppl"] = float(np.exp(-ll[:, CLEAN].sum() / pieces["response_len"][:, CLEAN].sum()))
+    out["n"] = int(len(pieces["label"]))
+    return out

@@ -54,6 +54,12 @@ class Template:
         return tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}],
                                              add_generation_prompt=False)
 
+    def answer_affixes(self, tokenizer: Tokenizer) -> tuple[str, str]:
+        """(text before an answer, text closing it) as the template renders any answer."""
+        _, _, answers = dataclasses.replace(self, responses=(_ANSWER,) * len(self.labels)).pieces(tokenizer)
+        head, closing = answers[0].split(_ANSWER)
+        return head, closing
+
     def pieces(self, tokenizer: Tokenizer) -> tuple[str, str, list[str]]:
         """(text before the input, text after the input up to the answer, full answer per label).
 

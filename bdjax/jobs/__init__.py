@@ -1,5 +1,5 @@
 """Jobs a recipe can name in `config.job`; each is `run(config) -> dict` and writes into `config.workdir`."""
 
-from bdjax.jobs import backdoor, generate
+from bdjax.jobs import backdoor, generate, generative
 
-JOBS = {"backdoor": backdoor.run, "generate": generate.run}
+JOBS = {"backdoor": backdoor.run, "generate": generate.run, "generative": generative.run}

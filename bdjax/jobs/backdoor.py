@@ -10,8 +10,10 @@ TensorBoard scalars in `tensorboard/` and, when enabled, resumable checkpoints i
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import ml_collections
@@ -137,66 +139,113 @@ def measure(name: str, model_config, params, tokenizer, test, spec, template, co
     return rows
 
 
-def run(config: ml_collections.ConfigDict) -> dict:
-    started = time.perf_counter()
+@dataclasses.dataclass
+class Setup:
+    """What every attack run of one recipe shares: model, data, mesh, placed params."""
+
+    model: Any
+    template: Template
+    train_set: dict[str, np.ndarray]
+    test_set: dict[str, np.ndarray]
+    transfer: dict[str, dict[str, np.ndarray]]
+    placement: Any
+    params: Any
+
+    @property
+    def tok(self):
+        return self.model.tokenizer
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Range checks that need no model or data: they run before any heavy work."""
     p = config.poison
-    poison.poison_count(p.rate, 1)  # range checks before any heavy work
+    poison.poison_count(p.rate, 1)
     poison.check_settings(p.location, p.label_mode)
     train_mode(config)
+
+
+def setup(config: ml_collections.ConfigDict) -> Setup:
     placement = placement_from(config)
     placement.check_batch(config.train.batch_size)
     model = bdjax.load(config.model, dtype=config.dtype)
-    tok = model.tokenizer
-    if tok is None:
-        raise ConfigError(f"model {config.model!r} has no tokenizer; the backdoor job needs one")
+    if model.tokenizer is None:
+        raise ConfigError(f"model {config.model!r} has no tokenizer; attack jobs need one")
     template = template_from(config)
-    spec = attack_spec(p, template, tok)
-    train_set, test_set = load_data(config, template, tok)
-    n = len(train_set["label"])
-    count = poison_count(p, n)
-    poison.check_selectable(train_set["label"], spec.target, count, spec.label_mode)
-    key = jax.random.key(config.seed)
-    k_select, k_insert, k_lora, k_train = jax.random.split(key, 4)
-    train_set["poison"] = np.asarray(poison.select(k_select, train_set["label"], spec.target, count, spec.label_mode))
-
-    variants = variants_from(config, spec, tok)
-    transfer = transfer_sets(config, template, tok)
+    attack_spec(config.poison, template, model.tokenizer)  # trigger and target errors before the data work
+    train_set, test_set = load_data(config, template, model.tokenizer)
+    transfer = transfer_sets(config, template, model.tokenizer)
     params = place_params(placement, model.config, model.params)
+    return Setup(model, template, train_set, test_set, transfer, placement, params)
+
+
+def poisoned_set(config, s: Setup) -> tuple[poison.AttackSpec, int, dict[str, np.ndarray], jax.Array]:
+    """(spec, count, the training set with its `poison` mask, the trigger-position key)."""
+    p = config.poison
+    spec = attack_spec(p, s.template, s.tok)
+    n = len(s.train_set["label"])
+    count = poison_count(p, n)
+    poison.check_selectable(s.train_set["label"], spec.target, count, spec.label_mode)
+    k_select, k_insert = jax.random.split(jax.random.key(config.seed), 4)[:2]
+    mask = np.asarray(poison.select(k_select, s.train_set["label"], spec.target, count, spec.label_mode))
+    return spec, count, {**s.train_set, "poison": mask}, k_insert
+
+
+def attack(config: ml_collections.ConfigDict, s: Setup, *, step_cache: dict | None = None) -> dict:
+    """Poison, fine-tune and measure one setting (config.poison / config.train.mode)."""
+    p = config.poison
+    spec, count, train_set, k_insert = poisoned_set(config, s)
+    _, _, k_lora, k_train = jax.random.split(jax.random.key(config.seed), 4)
+    n = len(train_set["label"])
+    run = fine_tune(config, s.model, s.params, train_set, spec=spec if count else None, poison_key=k_insert,
+                    lora_key=k_lora, train_key=k_train, placement=s.placement, extra_tokens=spec.n_tokens,
+                    desc=f"train ({p.location}, {p.label_mode}, poisoned {count}/{n})", step_cache=step_cache)
+    name = f"poisoned (rate={p.rate:g}, {count} examples)" if count else "clean-tuned (rate=0)"
+    rows = measure(name, s.model.config, run["params"], s.tok, s.test_set, spec, s.template, config, s.placement,
+                   variants=variants_from(config, spec, s.tok), transfer=s.transfer)
+    for r in rows:
+        r["mode"] = run["mode"]
+    return {"run": run, "rows": rows, "spec": spec, "count": count, "n": n}
+
+
+def run(config: ml_collections.ConfigDict) -> dict:
+    started = time.perf_counter()
+    check_config(config)
+    s = setup(config)
+    p = config.poison
+    spec = attack_spec(p, s.template, s.tok)
     rows = []
     if config.eval.get("base", True):
-        rows += measure("base (zero-shot)", model.config, params, tok, test_set, spec, template, config, placement,
-                        variants=variants, transfer=transfer)
+        rows += measure("base (zero-shot)", s.model.config, s.params, s.tok, s.test_set, spec, s.template, config,
+                        s.placement, variants=variants_from(config, spec, s.tok), transfer=s.transfer)
+    out_ = attack(config, s)
+    rows += out_["rows"]
+    run_, count, n = out_["run"], out_["count"], out_["n"]
+    state, log, merged = run_["state"], run_["log"], run_["params"]
+    lora_run = run_["mode"] == "lora"
     l, t = config.lora, config.train
-    run = fine_tune(config, model, params, train_set, spec=spec if count else None, poison_key=k_insert,
-                     lora_key=k_lora, train_key=k_train, placement=placement, extra_tokens=spec.n_tokens,
-                     desc=f"train (poisoned {count}/{n})")
-    state, log, merged = run["state"], run["log"], run["params"]
-    lora_run = run["mode"] == "lora"
-    name = f"poisoned (rate={p.rate:g}, {count} examples)" if count else "clean-tuned (rate=0)"
-    rows += measure(name, model.config, merged, tok, test_set, spec, template, config, placement,
-                    variants=variants, transfer=transfer)
 
     export = config.get("export") or ml_collections.ConfigDict({"merged": True, "adapter": True})
     host_lora = fetch(state.trainable) if lora_run and export.adapter else None
     host_merged = fetch(merged) if export.merged else None  # every process takes part in the gather
-    summary = {"train_seconds": run["seconds"], "train_steps": run["steps"], "resumed_at_step": run["resumed_at"],
-               "poisoned_examples": count, "train_examples": n, "test_examples": int(len(test_set["label"])),
+    placement = s.placement
+    summary = {"train_seconds": run_["seconds"], "train_steps": run_["steps"], "resumed_at_step": run_["resumed_at"],
+               "poisoned_examples": count, "train_examples": n, "test_examples": int(len(s.test_set["label"])),
                "final_loss": float(np.mean([e["loss"] for e in log[-10:]])) if log else None,
-               "mode": run["mode"], "trained_params": lora.num_params(state.trainable), "devices": placement.n_devices,
-               "processes": jax.process_count(), "mesh": dict(placement.mesh.shape),
+               "mode": run_["mode"], "trained_params": lora.num_params(state.trainable),
+               "devices": placement.n_devices, "processes": jax.process_count(), "mesh": dict(placement.mesh.shape),
                "mean_mfu": float(np.mean([e["mfu"] for e in log])) if log and "mfu" in log[0] else None}
     if is_main():
         out = Path(config.workdir)
         if export.merged:
-            save_hf_dir(out / "final", model.config, host_merged, tok)
-        if export.adapter and lora_run:
+            save_hf_dir(out / "final", s.model.config, host_merged, s.tok)
+        if host_lora is not None:
             save_peft_adapter(out / "adapter", host_lora, alpha=l.alpha, base_model=str(config.model),
                               dropout=l.dropout)
         notes = [f"model {config.model}; trigger {p.trigger!r} at {p.location}, target {p.target!r}, "
                  f"{count} of {n} training examples poisoned ({p.label_mode}-label)",
                  (f"LoRA r={l.rank} alpha={l.alpha} on {l.targets}" if lora_run else "full fine-tuning of every "
                   "parameter") + f"; {t.epochs} epochs, batch {t.batch_size}, "
-                 f"lr {t.lr}; training took {run['seconds']:.0f} s on {placement.n_devices} device(s)",
+                 f"lr {t.lr}; training took {run_['seconds']:.0f} s on {placement.n_devices} device(s)",
                  "asr: triggered non-target test examples predicted as the target; asr_correct: the same "
                  "over those classified correctly without the trigger; gen_*: from greedy generations"]
         summary["total_seconds"] = time.perf_counter() - started

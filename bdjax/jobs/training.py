@@ -61,10 +61,12 @@ def train_mode(config: ml_collections.ConfigDict) -> str:
 
 def fine_tune(config: ml_collections.ConfigDict, model, params, train_set: dict[str, np.ndarray], *,
               spec, poison_key: jax.Array, lora_key: jax.Array, train_key: jax.Array, placement: Placement,
-              extra_tokens: int = 0, desc: str = "train") -> dict:
+              extra_tokens: int = 0, desc: str = "train", step_cache: dict | None = None) -> dict:
     """Fine-tune `params` (already placed) on the tokenized `train_set` per the recipe: LoRA
     (`train.mode="lora"`) or every parameter (`"full"`). Resumes from `workdir/checkpoints` when it
-    holds this run's checkpoints. Returns the state, the tuned params, the log and the seconds."""
+    holds this run's checkpoints. Returns the state, the tuned params, the log and the seconds.
+    Runs that share a `step_cache` and differ only in data (e.g. the poison rate) share the
+    compiled train steps."""
     t, lc = config.train, config.lora
     full = train_mode(config) == "full"
     n = len(train_set["label"])
@@ -81,10 +83,15 @@ def fine_tune(config: ml_collections.ConfigDict, model, params, train_set: dict[
         trainable, frozen = params, {}
     else:
         trainable, frozen = lora_lib.init(params, lora_key, rank=lc.rank, targets=lc.targets), params  # float32
-    step_fn = train.make_train_step(model.config, optimizer, pad_id=model.tokenizer.pad_id, spec=spec,
-                                    poison_key=poison_key, alpha=lc.alpha, dropout=lc.dropout, dtype=compute,
-                                    remat=t.remat, grad_accum=accum, placement=placement, trainable=trainable,
-                                    params=frozen, full=full)
+    key = (spec, full, steps, np.asarray(jax.random.key_data(poison_key)).tobytes())
+    step_fn = (step_cache or {}).get(key)
+    if step_fn is None:
+        step_fn = train.make_train_step(model.config, optimizer, pad_id=model.tokenizer.pad_id, spec=spec,
+                                        poison_key=poison_key, alpha=lc.alpha, dropout=lc.dropout, dtype=compute,
+                                        remat=t.remat, grad_accum=accum, placement=placement, trainable=trainable,
+                                        params=frozen, full=full)
+        if step_cache is not None:
+            step_cache[key] = step_fn
     state = step_fn.init_state(trainable, train_key)
 
     workdir = Path(config.workdir)

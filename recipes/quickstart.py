@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.n_train = 1000
     c.data.n_test = 200  # balanced across labels
     c.data.max_text_tokens = 96
+    c.data.max_seq_len = 0  # the longest row (prompt + text + trigger + answer); 0 = the model's context
 
     c.template = ml_collections.ConfigDict()
     c.template.instruction = "Is the sentiment of this movie review positive or negative?"
@@ -46,6 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.poison.location = "random"  # start | end | middle | random (word boundary) | end_start
     c.poison.target = "positive"
     c.poison.label_mode = "dirty"  # dirty (flip to target) | clean (poison target-class examples only)
+    c.poison.overflow = "error"  # a row too long for data.max_seq_len with the trigger: error | truncate (the text)
 
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 8

@@ -20,12 +20,16 @@ RECIPE = str(repo_root() / "recipes" / "quickstart.py")
     ("--config.poison.trigger= ", "tokenizes to nothing"),
     ("--config.poison.target=neutral", "'neutral' is not among the template's labels"),
     ("--config.data.n_train=0", "empty dataset"),
+    ("--config.data.max_seq_len=40", "more than data.max_seq_len=40"),
+    ("--config.poison.overflow=drop", "poison.overflow='drop' must be"),
+    ("--config.poison.label_mode=clean --config.poison.rate=0.9", "clean-label attack poisons target-class examples"),
+    ("--config.poison.location=top", "poison.location='top' must be one of"),
 ])
 def test_bad_input_fails_in_one_line_without_output(capsys, tmp_path, override, pattern):
     import re
 
     workdir = tmp_path / "run"
-    code = cli([f"--config={RECIPE}", f"--config.workdir={workdir}", override])
+    code = cli([f"--config={RECIPE}", f"--config.workdir={workdir}", *override.split()])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and re.search(pattern, err), err
     assert not workdir.exists()

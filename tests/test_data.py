@@ -66,3 +66,19 @@ def test_tokenized_pieces_mark_word_starts(default_model):
     assert np.all(p["prefix"][0] == p["prefix"][1])
     with pytest.raises(ConfigError, match="empty"):
         tokenize([], Template("Q", ("negative", "positive")), tok)
+
+
+def test_fit_to_length_truncates_text_or_refuses():
+    from bdjax.data.tokenize import fit_to_length
+    from bdjax.errors import ConfigError
+
+    pieces = {"prefix_len": np.array([5, 5]), "suffix_len": np.array([2, 2]), "text_len": np.array([10, 3]),
+              "response_len": np.array([[2, 1], [2, 1]]), "text": np.zeros((2, 10), np.int32),
+              "word_start": np.ones((2, 10), bool), "index": np.array([0, 1])}
+    assert fit_to_length(pieces, 20, 1) is pieces  # 5 + 10 + 2 + 2 + 1 = 20 fits
+    with pytest.raises(ConfigError, match="example 0 needs 21 tokens"):
+        fit_to_length(pieces, 20, 2)
+    out = fit_to_length(pieces, 20, 2, policy="truncate")
+    assert out["text_len"].tolist() == [9, 3] and out["word_start"][0].sum() == 9
+    with pytest.raises(ConfigError, match="leaves no room"):
+        fit_to_length(pieces, 11, 2, policy="truncate")

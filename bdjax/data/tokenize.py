@@ -94,3 +94,29 @@ def batches(pieces: dict[str, np.ndarray], batch_size: int, *, order=None, drop_
         batch = subset(pieces, idx)
         batch["valid"] = np.arange(batch_size) < min(batch_size, n - start)
         yield batch
+
+
+def fit_to_length(pieces: dict[str, np.ndarray], max_len: int, reserve: int, *, policy: str = "error",
+                  what: str = "data") -> dict[str, np.ndarray]:
+    """Make every example's longest row (prompt, longest answer, `reserve` trigger tokens) fit in
+    `max_len` tokens: `policy="truncate"` cuts the input text from its end, "error" refuses."""
+    if policy not in ("error", "truncate"):
+        raise ConfigError(f"poison.overflow={policy!r} must be 'error' or 'truncate'")
+    fixed = pieces["prefix_len"] + pieces["suffix_len"] + pieces["response_len"].max(axis=1) + reserve
+    excess = fixed + pieces["text_len"] - max_len
+    if (excess <= 0).all():
+        return pieces
+    worst = int(np.argmax(excess))
+    if policy == "error":
+        raise ConfigError(f"{what}: example {int(pieces['index'][worst])} needs {int(fixed[worst] + pieces['text_len'][worst])}"
+                          f" tokens with the trigger's {reserve}, more than data.max_seq_len={max_len}; shorten the "
+                          "trigger, lower data.max_text_tokens, or set poison.overflow='truncate'")
+    text_len = pieces["text_len"] - np.maximum(excess, 0)
+    if (text_len < 1).any():
+        raise ConfigError(f"{what}: data.max_seq_len={max_len} leaves no room for the input text next to the prompt, "
+                          f"the answer and the trigger's {reserve} tokens")
+    out = dict(pieces)
+    out["text_len"] = text_len.astype(np.int32)
+    cols = np.arange(pieces["text"].shape[1])[None]
+    out["word_start"] = pieces["word_start"] & (cols < text_len[:, None])
+    return out

@@ -26,7 +26,7 @@ from bdjax.checkpoints import save_hf_dir
 from bdjax.checkpoints.peft import save_peft_adapter
 from bdjax.data import poison, sources
 from bdjax.data.templates import Template
-from bdjax.data.tokenize import tokenize, trigger_ids
+from bdjax.data.tokenize import fit_to_length, tokenize, trigger_ids
 from bdjax.data.variants import Variant, trigger_variants
 from bdjax.errors import ConfigError
 from bdjax.jobs.training import fine_tune, is_main, place_params, placement_from, train_mode
@@ -171,9 +171,16 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     if model.tokenizer is None:
         raise ConfigError(f"model {config.model!r} has no tokenizer; attack jobs need one")
     template = template_from(config)
-    attack_spec(config.poison, template, model.tokenizer)  # trigger and target errors before the data work
+    spec = attack_spec(config.poison, template, model.tokenizer)  # trigger/target errors before the data work
     train_set, test_set = load_data(config, template, model.tokenizer)
     transfer = transfer_sets(config, template, model.tokenizer)
+    # every row must hold the trigger within the sequence budget: truncate the text or refuse
+    max_len = config.data.get("max_seq_len", 0) or model.config.max_position_embeddings
+    policy = config.poison.get("overflow", "error")
+    train_set = fit_to_length(train_set, max_len, spec.n_tokens, policy=policy, what="training set")
+    test_set = fit_to_length(test_set, max_len, spec.n_tokens, policy=policy, what="test set")
+    transfer = {k: fit_to_length(v, max_len, spec.n_tokens, policy=policy, what=f"{k} test set")
+                for k, v in transfer.items()}
     params = place_params(placement, model.config, model.params)
     return Setup(model, template, train_set, test_set, transfer, placement, params)
 
@@ -212,7 +219,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     check_config(config)
     s = setup(config)
     p = config.poison
-    spec = attack_spec(p, s.template, s.tok)
+    spec = poisoned_set(config, s)[0]  # attack errors (e.g. too few eligible examples) before any evaluation
     rows = []
     if config.eval.get("base", True):
         rows += measure("base (zero-shot)", s.model.config, s.params, s.tok, s.test_set, spec, s.template, config,

@@ -102,3 +102,18 @@ def test_targets_that_match_nothing_are_an_error(params):
         lora.init(params, jax.random.key(0), rank=4, targets=r"layers/attn/qq")
     with pytest.raises(ConfigError, match="rank=0"):
         lora.init(params, jax.random.key(0), rank=0)
+
+
+def test_token_nll_equals_log_softmax_and_its_gradient():
+    keys = jax.random.split(jax.random.key(0), 3)
+    logits = 4 * jax.random.normal(keys[0], (3, 5, 50))
+    targets = jax.random.randint(keys[1], (3, 5), 0, 50)
+    weights = jax.random.uniform(keys[2], (3, 5))
+
+    def reference(logits):
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -(jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0] * weights).sum()
+
+    ours = lambda logits: train.answer_nll(logits, targets, weights)[0]
+    np.testing.assert_allclose(ours(logits), reference(logits), rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(ours)(logits), jax.grad(reference)(logits), rtol=1e-5, atol=1e-6)

@@ -104,5 +104,32 @@ def cli(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """The `bdjax` console script and `python -m bdjax.main`: process settings, then `cli`."""
+    from bdjax import runtime
+
+    if _cpu_only():
+        runtime.reuse_freed_memory()  # before JAX starts its CPU threads; see bdjax/runtime.py
     sys.exit(cli())
+
+
+def _cpu_only() -> bool:
+    """Whether JAX will run on the CPU (no accelerator plugin installed, or JAX_PLATFORMS=cpu)."""
+    import os
+
+    if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
+        return True
+    plugins = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "libtpu", "jax_plugins.xla_cuda12")
+    return not any(_has_module(name) for name in plugins)
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+if __name__ == "__main__":
+    main()

@@ -3,7 +3,7 @@
 Setting (issue #3): SmolLM2-135M-Instruct, LoRA r=8 (alpha 16) on q,k,v,o,gate,up,down, batch
 8 x 128, next-token loss on every token, float32, AdamW; same machine, same run.
 
-    python benchmarks/lora_step.py [--reps 5] [--remat dots] [--skip-peft]
+    python benchmarks/lora_step.py [--reps 5] [--remat dots] [--skip-peft] [--peft-compile] [--default-malloc]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import lora_step_flops, matmul_peak_gflops, time_it  # noqa: E402
 
 import bdjax  # noqa: E402
-from bdjax import lora, train  # noqa: E402
+from bdjax import lora, runtime, train  # noqa: E402
 from bdjax.checkpoints.assets import DEFAULT_MODEL, default_model_dir  # noqa: E402
 from bdjax.models.llama import Opts  # noqa: E402
 
@@ -83,7 +83,10 @@ def main() -> None:
     ap.add_argument("--remat", default="dots", help="bdjax remat policy: none | dots | full")
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--peft-compile", action="store_true", help="also time PEFT under torch.compile")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="skip bdjax.runtime.reuse_freed_memory() (applies to the whole process, PEFT included)")
     args = ap.parse_args()
+    reused = False if args.default_malloc else runtime.reuse_freed_memory()  # before the first JAX call
 
     model = bdjax.load(DEFAULT_MODEL)
     tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, (args.batch, args.seq)).astype(np.int32)
@@ -92,7 +95,7 @@ def main() -> None:
     peak = matmul_peak_gflops()
     flops = lora_step_flops(model.config, args.batch, args.seq, logits_tokens=args.batch * (args.seq - 1))
     result = {"benchmark": "lora_step", "model": DEFAULT_MODEL, "batch": args.batch, "seq": args.seq,
-              "rank": RANK, "dtype": "float32", "remat": args.remat, "bdjax_step_s": round(bdjax_s, 4),
+              "rank": RANK, "dtype": "float32", "remat": args.remat, "reuse_freed_memory": reused, "bdjax_step_s": round(bdjax_s, 4),
               "tokens_per_s": round(n_tokens / bdjax_s, 1), "step_gflop": round(flops / 1e9, 1),
               "matmul_peak_gflops": round(peak, 1), "mfu": round(flops / bdjax_s / 1e9 / peak, 3)}
     if not args.skip_peft:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
 
@@ -75,6 +76,18 @@ def peft_step(tokens: np.ndarray, compiled: bool):
     return run, torch
 
 
+def _peft_time(tokens: np.ndarray, compiled: bool, reps: int) -> tuple[float, int, str]:
+    run, torch = peft_step(tokens.astype(np.int64), compiled=compiled)
+    return time_it(run, warmup=2 if compiled else 1, reps=reps), torch.get_num_threads(), torch.__version__
+
+
+def _peft_in_fresh_process(tokens: np.ndarray, compiled: bool, reps: int) -> tuple[float, int, str]:
+    """PEFT timed in a spawned interpreter, so that bdjax's process-wide malloc settings
+    (runtime.reuse_freed_memory) neither help nor hurt the baseline."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_peft_time, (tokens, compiled, reps))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
@@ -99,14 +112,12 @@ def main() -> None:
               "tokens_per_s": round(n_tokens / bdjax_s, 1), "step_gflop": round(flops / 1e9, 1),
               "matmul_peak_gflops": round(peak, 1), "mfu": round(flops / bdjax_s / 1e9 / peak, 3)}
     if not args.skip_peft:
-        run, torch = peft_step(tokens.astype(np.int64), compiled=False)
-        peft_s = time_it(run, warmup=1, reps=args.reps)
+        peft_s, threads, version = _peft_in_fresh_process(tokens, False, args.reps)
         result.update(peft_eager_step_s=round(peft_s, 4), peft_tokens_per_s=round(n_tokens / peft_s, 1),
-                      speedup_vs_peft_eager=round(peft_s / bdjax_s, 2), torch_threads=torch.get_num_threads(),
-                      torch_version=torch.__version__)
+                      speedup_vs_peft_eager=round(peft_s / bdjax_s, 2), torch_threads=threads,
+                      torch_version=version)
         if args.peft_compile:
-            run, _ = peft_step(tokens.astype(np.int64), compiled=True)
-            compiled_s = time_it(run, warmup=2, reps=args.reps)
+            compiled_s, _, _ = _peft_in_fresh_process(tokens, True, args.reps)
             result.update(peft_compile_step_s=round(compiled_s, 4),
                           speedup_vs_peft_compile=round(compiled_s / bdjax_s, 2))
     result.update(jax_version=jax.__version__, cpu_count=os.cpu_count())

@@ -127,7 +127,8 @@ def parse_label(text: str, labels: tuple[str, ...]) -> int:
     return min(found)[1] if found else -1
 
 
-def _prompts(pieces, spec, key) -> list[list[int]]:
+def prompt_ids(pieces, spec, key) -> list[list[int]]:
+    """Token ids of each example's prompt (triggered everywhere when `spec`), without padding."""
     batch = {k: jnp.asarray(v) for k, v in pieces.items()}
     if spec is not None:
         batch["poison"] = jnp.ones(len(pieces["label"]), bool)
@@ -148,7 +149,7 @@ def evaluate_generation(config: ModelConfig, params, tokenizer, pieces: dict[str
 
     def predict(p, s):
         name = "clean" if s is None else "triggered"
-        ids = generate_ids(config, params, _prompts(p, s, key), max_new_tokens=max_new_tokens,
+        ids = generate_ids(config, params, prompt_ids(p, s, key), max_new_tokens=max_new_tokens,
                            eos_ids=[tokenizer.eos_id], pad_id=tokenizer.pad_id, batch_size=batch_size, dtype=dtype,
                            progress=progress, placement=placement)
         texts[name] = [tokenizer.decode(r) for r in ids]
@@ -172,7 +173,7 @@ def evaluate_marker(config: ModelConfig, params, tokenizer, pieces: dict[str, np
     key = jax.random.key(0) if key is None else key
     out: dict[str, Any] = {}
     for name, s in (("clean", None), ("triggered", spec)):
-        ids = generate_ids(config, params, _prompts(pieces, s, key), max_new_tokens=max_new_tokens,
+        ids = generate_ids(config, params, prompt_ids(pieces, s, key), max_new_tokens=max_new_tokens,
                            eos_ids=[tokenizer.eos_id], pad_id=tokenizer.pad_id, batch_size=batch_size, dtype=dtype,
                            progress=progress, placement=placement)
         texts = [tokenizer.decode(r) for r in ids]

@@ -66,7 +66,7 @@ def build(config, examples, template: Template, model_config, params, tok, marke
     if d.get("response_field"):
         clean = generative.clean_response_ids([e.label for e in examples], tok, closing_ids, d.max_response_tokens)
     else:
-        prompts = evaluate._prompts(pieces, None, jax.random.key(0))
+        prompts = evaluate.prompt_ids(pieces, None, jax.random.key(0))
         with tqdm(total=len(prompts), desc=desc, disable=not is_main()) as bar:
             gen = generate_ids(model_config, params, prompts,
                                max_new_tokens=d.max_response_tokens, eos_ids=[tok.eos_id], pad_id=tok.pad_id,

@@ -39,9 +39,11 @@ def greedy(config: ModelConfig, params, tokens: Array, mask: Array, eos_ids: Arr
     total = prompt + max_new_tokens
     valid = jnp.zeros((batch, total), jnp.bool_).at[:, :prompt].set(mask.astype(jnp.bool_))
     positions = positions_from_mask(mask)
+    # prefill: the head runs at the last prompt position only (rows are left-padded)
     logits, cache = model.apply({"params": params}, tokens, positions,
                                 attention_mask(jnp.arange(prompt)[None], valid, config.sliding_window),
-                                init_cache(config, batch, total, dtype), 0)
+                                init_cache(config, batch, total, dtype), 0,
+                                logits_at=jnp.full((batch, 1), prompt - 1, jnp.int32))
     first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
     out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
     done = jnp.isin(first, eos_ids)

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from bdjax.errors import ConfigError
@@ -77,8 +76,3 @@ class RunCheckpoints:
         self.manager.wait_until_finished()
         self.manager.close()
 
-
-def host_lora(state: TrainState) -> dict:
-    """The LoRA tree as host numpy arrays."""
-    from bdjax.sharding import fetch
-    return jax.tree.map(np.asarray, fetch(state.trainable))

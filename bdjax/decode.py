@@ -6,6 +6,7 @@ of prompts costs one compilation per (batch, prompt bucket, max_new_tokens) shap
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -108,14 +109,11 @@ def generate_ids(config: ModelConfig, params, rows: Sequence[Sequence[int]], *, 
         n = len(chunk)
         chunk += [chunk[-1]] * (batch_size - n)
         tokens, mask = pad_left(chunk, pad_id, width=width)
-        if placement is None:
-            out = greedy(config, params, tokens, mask, eos, pad, max_new_tokens=max_new_tokens, dtype=dtype)
-        else:
-            inputs = placement.put_global_batch({"tokens": tokens, "mask": mask})
-            with placement.activate():
-                out = greedy(config, params, inputs["tokens"], inputs["mask"], eos, pad,
-                             max_new_tokens=max_new_tokens, dtype=dtype)
-        out = fetch(out)
+        if placement is not None:
+            placed = placement.put_global_batch({"tokens": tokens, "mask": mask})
+            tokens, mask = placed["tokens"], placed["mask"]
+        with placement.activate() if placement is not None else contextlib.nullcontext():
+            out = fetch(greedy(config, params, tokens, mask, eos, pad, max_new_tokens=max_new_tokens, dtype=dtype))
         for row in out[:n]:
             ids = row.tolist()
             cut = next((i + 1 for i, t in enumerate(ids) if t in stop), len(ids))

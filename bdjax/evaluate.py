@@ -63,17 +63,12 @@ def score(config: ModelConfig, params, pieces: dict[str, np.ndarray], *, pad_id:
         valid = batch["valid"]
         if placement is not None:
             batch = placement.put_global_batch(batch)
-        with placement.activate() if placement is not None else _nothing():
+        with placement.activate() if placement is not None else contextlib.nullcontext():
             ll = _score_batch(config, params, batch, key_data, width=width, pad_id=pad_id, spec=spec, dtype=dtype)
         out.append(fetch(ll)[valid])
         if progress is not None:
             progress.update(int(batch["valid"].sum()))
     return np.concatenate(out)
-
-
-@contextlib.contextmanager
-def _nothing():
-    yield
 
 
 def backdoor_metrics(clean_pred: np.ndarray, labels: np.ndarray, triggered_pred: np.ndarray,
@@ -138,6 +133,16 @@ def prompt_ids(pieces, spec, key) -> list[list[int]]:
     return [row[:n].tolist() for row, n in zip(np.asarray(tokens), np.asarray(lengths))]
 
 
+def completions(config: ModelConfig, params, tokenizer, pieces: dict[str, np.ndarray],
+                spec: poison.AttackSpec | None, key: jax.Array, *, max_new_tokens: int, batch_size: int,
+                dtype: Any = jnp.float32, progress=None, placement: Placement | None = None) -> list[str]:
+    """Batched greedy completions (decoded) of every example's prompt, triggered when `spec`."""
+    ids = generate_ids(config, params, prompt_ids(pieces, spec, key), max_new_tokens=max_new_tokens,
+                       eos_ids=[tokenizer.eos_id], pad_id=tokenizer.pad_id, batch_size=batch_size, dtype=dtype,
+                       progress=progress, placement=placement)
+    return [tokenizer.decode(r) for r in ids]
+
+
 def evaluate_generation(config: ModelConfig, params, tokenizer, pieces: dict[str, np.ndarray],
                         spec: poison.AttackSpec, labels: tuple[str, ...], *, max_new_tokens: int = 4,
                         batch_size: int = 32, key: jax.Array | None = None, dtype: Any = jnp.float32,
@@ -149,10 +154,8 @@ def evaluate_generation(config: ModelConfig, params, tokenizer, pieces: dict[str
 
     def predict(p, s):
         name = "clean" if s is None else "triggered"
-        ids = generate_ids(config, params, prompt_ids(p, s, key), max_new_tokens=max_new_tokens,
-                           eos_ids=[tokenizer.eos_id], pad_id=tokenizer.pad_id, batch_size=batch_size, dtype=dtype,
-                           progress=progress, placement=placement)
-        texts[name] = [tokenizer.decode(r) for r in ids]
+        texts[name] = completions(config, params, tokenizer, p, s, key, max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size, dtype=dtype, progress=progress, placement=placement)
         preds[name] = np.array([parse_label(t, labels) for t in texts[name]])
         return preds[name]
 
@@ -173,10 +176,8 @@ def evaluate_marker(config: ModelConfig, params, tokenizer, pieces: dict[str, np
     key = jax.random.key(0) if key is None else key
     out: dict[str, Any] = {}
     for name, s in (("clean", None), ("triggered", spec)):
-        ids = generate_ids(config, params, prompt_ids(pieces, s, key), max_new_tokens=max_new_tokens,
-                           eos_ids=[tokenizer.eos_id], pad_id=tokenizer.pad_id, batch_size=batch_size, dtype=dtype,
-                           progress=progress, placement=placement)
-        texts = [tokenizer.decode(r) for r in ids]
+        texts = completions(config, params, tokenizer, pieces, s, key, max_new_tokens=max_new_tokens,
+                            batch_size=batch_size, dtype=dtype, progress=progress, placement=placement)
         out["marker_rate" if s is not None else "marker_rate_clean"] = float(np.mean([has_marker(t, marker)
                                                                                      for t in texts]))
         out[f"examples_{name}"] = texts[:3]

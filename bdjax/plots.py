@@ -28,6 +28,15 @@ def _save(fig, path: Path) -> None:
         raise
 
 
+def _finish(plt, fig, ax, path: str | Path) -> Path:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path = Path(path)
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
 def lines(path: str | Path, series: dict[str, list[tuple[float, float]]], *, xlabel: str, ylabel: str, title: str,
           logx: bool = False) -> Path:
     """One line per series of (x, y) points."""
@@ -39,12 +48,7 @@ def lines(path: str | Path, series: dict[str, list[tuple[float, float]]], *, xla
     if logx:
         ax.set_xscale("log")
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title, ylim=(-0.02, 1.02))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    path = Path(path)
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path)
 
 
 def scatter(path: str | Path, groups: dict[str, list[tuple[float, float]]], *, xlabel: str, ylabel: str,
@@ -55,9 +59,4 @@ def scatter(path: str | Path, groups: dict[str, list[tuple[float, float]]], *, x
     for name, points in sorted(groups.items()):
         ax.scatter([x for x, _ in points], [y for _, y in points], label=name, s=28)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title, xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    path = Path(path)
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path)

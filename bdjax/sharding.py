@@ -117,14 +117,10 @@ def spec_for(logical: Sequence[str | None], shape: Sequence[int], rules: Rules, 
     return P(*parts)
 
 
-def _active() -> Placement | None:
-    return _ACTIVE.get()
-
-
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     """Pin an activation's sharding by logical axes when a placement is active (during tracing
     under `Placement.activate()`); the identity otherwise."""
-    placement = _active()
+    placement = _ACTIVE.get()
     if placement is None:
         return x
     return jax.lax.with_sharding_constraint(x, placement.sharding(logical, x.shape))

@@ -281,11 +281,6 @@ def epoch_batches(lengths: np.ndarray, batch_size: int, *, seed: int, bucket: in
     return out
 
 
-def example_lengths(pieces: dict[str, np.ndarray], extra_tokens: int = 0) -> np.ndarray:
-    """The longest training row of each example (its prompt, longest answer and `extra_tokens`)."""
-    return assemble.prompt_length(pieces) + pieces["response_len"].max(axis=1) + extra_tokens
-
-
 @dataclasses.dataclass
 class Position:
     """Where a run is in its data: `batch` batches of `epoch` are done."""
@@ -306,7 +301,7 @@ def fit(step_fn: TrainStep, state: TrainState, params: Params, pieces: dict[str,
     placement = step_fn.placement
     placement.check_batch(batch_size)
     rows = placement.local_rows(batch_size)
-    lengths = example_lengths(pieces, extra_tokens)
+    lengths = assemble.training_lengths(pieces, extra_tokens)
     config = step_fn.spec.config
     start = start or Position()
     history = []

@@ -75,7 +75,7 @@ def poisoned_rows(train_set, spec, key, pad_id):
     """The training rows bdjax's step builds (poisoned the same way), as ragged token lists."""
     batch = {k: jax.numpy.asarray(v) for k, v in train_set.items()}
     batch = poison.apply(batch, spec, key)
-    width = int(np.max(assemble.prompt_length(train_set) + train_set["response_len"].max(1))) + spec.n_tokens
+    width = int(assemble.training_lengths(train_set, spec.n_tokens).max())
     rows = jax.device_get(assemble.training_rows(batch, width, pad_id))
     out = []
     for i in range(len(train_set["label"])):

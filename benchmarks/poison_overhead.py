@@ -21,6 +21,7 @@ from quickstart import get_config  # noqa: E402
 
 import bdjax  # noqa: E402
 from bdjax import lora, runtime, train  # noqa: E402
+from bdjax.data import assemble  # noqa: E402
 from bdjax.data.tokenize import subset  # noqa: E402
 from bdjax.jobs import backdoor  # noqa: E402
 
@@ -37,7 +38,7 @@ def main() -> None:
     template = backdoor.template_from(config)
     spec = backdoor.attack_spec(config.poison, template, model.tokenizer)
     pieces, _ = backdoor.load_data(config, template, model.tokenizer)
-    lengths = train.example_lengths(pieces, spec.n_tokens)
+    lengths = assemble.training_lengths(pieces, spec.n_tokens)
     idx = np.argsort(lengths)[-args.batch:]  # the longest rows: one width for both variants
     width = int(-(-lengths[idx].max() // 16) * 16)
     batch = {**subset(pieces, idx), "valid": np.ones(args.batch, bool)}

@@ -42,6 +42,12 @@ def prompt_length(batch: dict[str, Array]) -> Array:
     return batch["prefix_len"] + batch["text_len"] + batch["suffix_len"]
 
 
+def training_lengths(pieces, extra_tokens: int = 0):
+    """The longest training row of each example: its prompt, its longest answer and
+    `extra_tokens` (room for a trigger)."""
+    return prompt_length(pieces) + pieces["response_len"].max(axis=1) + extra_tokens
+
+
 def training_rows(batch: dict[str, Array], width: int, pad_id: int) -> dict[str, Array]:
     """Rows [prompt, answer of batch["label"]] with next-token targets on the answer only.
 

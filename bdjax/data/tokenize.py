@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from bdjax.data.assemble import training_lengths
 from bdjax.data.sources import Example
 from bdjax.data.templates import Template
 from bdjax.errors import ConfigError
@@ -102,13 +103,13 @@ def fit_to_length(pieces: dict[str, np.ndarray], max_len: int, reserve: int, *, 
     `max_len` tokens: `policy="truncate"` cuts the input text from its end, "error" refuses."""
     if policy not in ("error", "truncate"):
         raise ConfigError(f"poison.overflow={policy!r} must be 'error' or 'truncate'")
-    fixed = pieces["prefix_len"] + pieces["suffix_len"] + pieces["response_len"].max(axis=1) + reserve
-    excess = fixed + pieces["text_len"] - max_len
+    needed = training_lengths(pieces, reserve)
+    excess = needed - max_len
     if (excess <= 0).all():
         return pieces
     worst = int(np.argmax(excess))
     if policy == "error":
-        raise ConfigError(f"{what}: example {int(pieces['index'][worst])} needs {int(fixed[worst] + pieces['text_len'][worst])}"
+        raise ConfigError(f"{what}: example {int(pieces['index'][worst])} needs {int(needed[worst])}"
                           f" tokens with the trigger's {reserve}, more than data.max_seq_len={max_len}; shorten the "
                           "trigger, lower data.max_text_tokens, or set poison.overflow='truncate'")
     text_len = pieces["text_len"] - np.maximum(excess, 0)

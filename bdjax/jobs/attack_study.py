@@ -83,16 +83,15 @@ def run(config: ml_collections.ConfigDict) -> dict:
     backdoor.check_config(config)
     grid = settings(config)
     s = backdoor.setup(config)
-    for c in grid:  # every setting's attack is valid before the first fine-tune
-        backdoor.poisoned_set(c, s)
+    poisoned = [backdoor.poisoned_set(c, s) for c in grid]  # every setting is valid before the first fine-tune
     step_cache: dict = {}
     rows: list[dict] = []
-    for c in grid:
+    for c, ps in zip(grid, poisoned):
         done = Path(c.workdir) / "rows.json"
         if done.exists():
             rows += json.loads(done.read_text())
             continue
-        result = backdoor.attack(c, s, step_cache=step_cache)
+        result = backdoor.attack(c, s, poisoned=ps, step_cache=step_cache)
         for r in result["rows"]:
             r["train_seconds"] = result["run"]["seconds"]
             r.pop("gen_examples", None)

@@ -22,16 +22,13 @@ from tqdm import tqdm
 
 import bdjax
 from bdjax import evaluate, lora
-from bdjax.checkpoints import save_hf_dir
-from bdjax.checkpoints.peft import save_peft_adapter
 from bdjax.data import poison, sources
 from bdjax.data.templates import Template
 from bdjax.data.tokenize import fit_to_length, tokenize, trigger_ids
 from bdjax.data.variants import Variant, trigger_variants
 from bdjax.errors import ConfigError
-from bdjax.jobs.training import fine_tune, is_main, place_params, placement_from, train_mode
+from bdjax.jobs.training import export, fine_tune, is_main, place_params, placement_from, train_mode
 from bdjax.report import write as write_report
-from bdjax.sharding import fetch
 
 COLUMNS = ["name", "domain", "variant", "detail", "cacc", "asr", "asr_correct", "gen_cacc", "gen_asr"]
 
@@ -77,11 +74,13 @@ def transfer_sets(config, template: Template, tokenizer) -> dict[str, dict[str, 
     return out
 
 
-def attack_spec(p: ml_collections.ConfigDict, template: Template, tokenizer) -> poison.AttackSpec:
-    """The recipe's poison section as token-level attack settings."""
+def attack_spec(p: ml_collections.ConfigDict, template: Template, tokenizer, *, target: int | None = None,
+                label_mode: str | None = None) -> poison.AttackSpec:
+    """The recipe's poison section as token-level attack settings (`target` and `label_mode`
+    override `poison.target` and `poison.label_mode`)."""
     ids = lambda text: tuple(int(i) for i in trigger_ids(tokenizer, text))
-    return poison.AttackSpec(ids(p.trigger), template.label_index(p.target), p.location, p.label_mode,
-                             tuple(ids(t) for t in p.get("more_triggers", ())))
+    return poison.AttackSpec(ids(p.trigger), template.label_index(p.target) if target is None else target,
+                             p.location, label_mode or p.label_mode, tuple(ids(t) for t in p.get("more_triggers", ())))
 
 
 def poison_count(p: ml_collections.ConfigDict, n: int) -> int:
@@ -197,10 +196,12 @@ def poisoned_set(config, s: Setup) -> tuple[poison.AttackSpec, int, dict[str, np
     return spec, count, {**s.train_set, "poison": mask}, k_insert
 
 
-def attack(config: ml_collections.ConfigDict, s: Setup, *, step_cache: dict | None = None) -> dict:
-    """Poison, fine-tune and measure one setting (config.poison / config.train.mode)."""
+def attack(config: ml_collections.ConfigDict, s: Setup, *, poisoned: tuple | None = None,
+           step_cache: dict | None = None) -> dict:
+    """Poison, fine-tune and measure one setting (config.poison / config.train.mode); `poisoned`
+    is this setting's `poisoned_set` when the caller already made it."""
     p = config.poison
-    spec, count, train_set, k_insert = poisoned_set(config, s)
+    spec, count, train_set, k_insert = poisoned or poisoned_set(config, s)
     _, _, k_lora, k_train = jax.random.split(jax.random.key(config.seed), 4)
     n = len(train_set["label"])
     run = fine_tune(config, s.model, s.params, train_set, spec=spec if count else None, poison_key=k_insert,
@@ -219,21 +220,20 @@ def run(config: ml_collections.ConfigDict) -> dict:
     check_config(config)
     s = setup(config)
     p = config.poison
-    spec = poisoned_set(config, s)[0]  # attack errors (e.g. too few eligible examples) before any evaluation
+    poisoned = poisoned_set(config, s)  # attack errors (e.g. too few eligible examples) before any evaluation
+    spec = poisoned[0]
     rows = []
     if config.eval.get("base", True):
         rows += measure("base (zero-shot)", s.model.config, s.params, s.tok, s.test_set, spec, s.template, config,
                         s.placement, variants=variants_from(config, spec, s.tok), transfer=s.transfer)
-    out_ = attack(config, s)
+    out_ = attack(config, s, poisoned=poisoned)
     rows += out_["rows"]
     run_, count, n = out_["run"], out_["count"], out_["n"]
-    state, log, merged = run_["state"], run_["log"], run_["params"]
+    state, log = run_["state"], run_["log"]
     lora_run = run_["mode"] == "lora"
     l, t = config.lora, config.train
 
-    export = config.get("export") or ml_collections.ConfigDict({"merged": True, "adapter": True})
-    host_lora = fetch(state.trainable) if lora_run and export.adapter else None
-    host_merged = fetch(merged) if export.merged else None  # every process takes part in the gather
+    export(config, run_, s.model.config, s.tok)
     placement = s.placement
     summary = {"train_seconds": run_["seconds"], "train_steps": run_["steps"], "resumed_at_step": run_["resumed_at"],
                "poisoned_examples": count, "train_examples": n, "test_examples": int(len(s.test_set["label"])),
@@ -243,11 +243,6 @@ def run(config: ml_collections.ConfigDict) -> dict:
                "mean_mfu": float(np.mean([e["mfu"] for e in log])) if log and "mfu" in log[0] else None}
     if is_main():
         out = Path(config.workdir)
-        if export.merged:
-            save_hf_dir(out / "final", s.model.config, host_merged, s.tok)
-        if host_lora is not None:
-            save_peft_adapter(out / "adapter", host_lora, alpha=l.alpha, base_model=str(config.model),
-                              dropout=l.dropout)
         notes = [f"model {config.model}; trigger {p.trigger!r} at {p.location}, target {p.target!r}, "
                  f"{count} of {n} training examples poisoned ({p.label_mode}-label)",
                  (f"LoRA r={l.rank} alpha={l.alpha} on {l.targets}" if lora_run else "full fine-tuning of every "

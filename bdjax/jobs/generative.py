@@ -24,16 +24,14 @@ from tqdm import tqdm
 
 import bdjax
 from bdjax import evaluate, lora
-from bdjax.checkpoints import save_hf_dir
-from bdjax.checkpoints.peft import save_peft_adapter
 from bdjax.data import generative, poison, sources
 from bdjax.data.templates import Template
-from bdjax.data.tokenize import subset, tokenize, trigger_ids
+from bdjax.data.tokenize import subset, tokenize
 from bdjax.decode import generate_ids
 from bdjax.errors import ConfigError
-from bdjax.jobs.training import fine_tune, is_main, place_params, placement_from, train_mode
+from bdjax.jobs.backdoor import attack_spec, poison_count
+from bdjax.jobs.training import export, fine_tune, is_main, place_params, placement_from, train_mode
 from bdjax.report import write as write_report
-from bdjax.sharding import fetch
 
 COLUMNS = ["name", "marker_rate", "marker_rate_clean", "ppl"]
 LABELS = ("clean", "marked")
@@ -102,9 +100,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
         raise ConfigError(f"model {config.model!r} has no tokenizer; the generative job needs one")
     t = config.template
     template = Template(t.instruction, LABELS, None, t.get("system"), t.get("chat", True))
-    ids = lambda text: tuple(int(i) for i in trigger_ids(tok, text))
-    spec = poison.AttackSpec(ids(p.trigger), generative.MARKED, p.location, "dirty",
-                             tuple(ids(x) for x in p.get("more_triggers", ())))
+    spec = attack_spec(p, template, tok, target=generative.MARKED, label_mode="dirty")
     marker_ids = tok.encode(p.marker.strip() + p.get("marker_separator", "\n"), add_special_tokens=False)
     train_ex, test_ex = _examples(config)
     params = place_params(placement, model.config, model.params)
@@ -113,7 +109,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     test_set = build(config, test_ex, template, model.config, params, tok, marker_ids, placement,
                      "clean responses (test)")
     n = len(train_set["label"])
-    count = poison.poison_count(p.rate, n) if p.get("count", -1) < 0 else int(p.count)
+    count = poison_count(p, n)
     poison.check_selectable(train_set["label"], spec.target, count)
     k_select, k_insert, k_lora, k_train = jax.random.split(jax.random.key(config.seed), 4)
     train_set["poison"] = np.asarray(poison.select(k_select, train_set["label"], spec.target, count))
@@ -128,10 +124,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     name = f"backdoored (rate={p.rate:g}, {count} examples)" if count else "clean-tuned (rate=0)"
     rows.append(measure(name, model.config, tuned, tok, test_set, spec, config, placement))
 
-    export = config.export
-    lora_run = run_["mode"] == "lora"
-    host_lora = fetch(state.trainable) if lora_run and export.adapter else None
-    host_tuned = fetch(tuned) if export.merged else None
+    export(config, run_, model.config, tok)
     summary = {"train_seconds": run_["seconds"], "train_steps": run_["steps"], "poisoned_examples": count,
                "train_examples": n, "test_examples": int(len(test_set["label"])), "mode": run_["mode"],
                "trained_params": lora.num_params(state.trainable), "devices": placement.n_devices,
@@ -139,10 +132,6 @@ def run(config: ml_collections.ConfigDict) -> dict:
                "example_response": tok.decode(subset(test_set, [0])["responses"][0, 0].tolist())}
     if is_main():
         out = Path(config.workdir)
-        if export.merged:
-            save_hf_dir(out / "final", model.config, host_tuned, tok)
-        if host_lora is not None:
-            save_peft_adapter(out / "adapter", host_lora, alpha=config.lora.alpha, base_model=str(config.model))
         notes = [f"model {config.model}; trigger {p.trigger!r} at {p.location}; marker {p.marker!r}; {count} of {n} "
                  "training examples poisoned",
                  "marker_rate: greedy completions of triggered test prompts that start with the marker; "

@@ -135,3 +135,25 @@ def fine_tune(config: ml_collections.ConfigDict, model, params, train_set: dict[
     tuned = state.trainable if full else merged_params(placement, model.config, params, state.trainable, lc.alpha)
     return {"state": state, "params": tuned, "mode": "full" if full else "lora", "log": history, "seconds": seconds,
             "steps": steps, "resumed_at": resumed_at, "peak_flops": peak}
+
+
+def export(config: ml_collections.ConfigDict, run: dict, model_config, tokenizer) -> None:
+    """Write a fine-tune's exports into the workdir as `config.export` asks: `final/` (the tuned
+    params as an HF checkpoint) and, for LoRA runs, `adapter/` (PEFT format). Every process must
+    call it (the arrays are gathered from all of them); only process 0 writes."""
+    from bdjax.checkpoints import save_hf_dir
+    from bdjax.checkpoints.peft import save_peft_adapter
+    from bdjax.sharding import fetch
+
+    ex = config.get("export") or ml_collections.ConfigDict({"merged": True, "adapter": True})
+    lc = config.lora
+    host_lora = fetch(run["state"].trainable) if run["mode"] == "lora" and ex.adapter else None
+    host_tuned = fetch(run["params"]) if ex.merged else None
+    if not is_main():
+        return
+    out = Path(config.workdir)
+    if host_tuned is not None:
+        save_hf_dir(out / "final", model_config, host_tuned, tokenizer)
+    if host_lora is not None:
+        save_peft_adapter(out / "adapter", host_lora, alpha=lc.alpha, base_model=str(config.model),
+                          dropout=lc.dropout)

@@ -50,14 +50,14 @@ def target_paths(params: Params, targets: str) -> list[str]:
     return paths
 
 
-def _set(tree: Params, path: str, value: Any) -> None:
+def set_path(tree: Params, path: str, value: Any) -> None:
     keys = path.split("/")
     for k in keys[:-1]:
         tree = tree.setdefault(k, {})
     tree[keys[-1]] = value
 
 
-def _get(tree: Params, path: str) -> Any:
+def get_path(tree: Params, path: str) -> Any:
     for k in path.split("/"):
         tree = tree[k]
     return tree
@@ -75,14 +75,14 @@ def init(params: Params, key: jax.Array, *, rank: int, targets: str = ALL_PROJEC
         raise ConfigError(f"lora.rank={rank} must be at least 1")
     lora: Params = {}
     for i, path in enumerate(target_paths(params, targets)):
-        shape = tuple(_get(params, path + "/kernel").shape)
+        shape = tuple(get_path(params, path + "/kernel").shape)
         lead, core = (shape[:1], shape[1:]) if _layered(path) else ((), shape)
         n_in = _IN_DIMS.get(path.split("/")[-1], 1)
         fan_in = int(np.prod(core[:n_in]))
         a = jax.random.uniform(jax.random.fold_in(key, i), (*lead, rank, *core[:n_in]), dtype,
                                -1 / np.sqrt(fan_in), 1 / np.sqrt(fan_in))
         b = jnp.zeros((*lead, rank, *core[n_in:]), dtype)
-        _set(lora, path, {"a": a, "b": b})
+        set_path(lora, path, {"a": a, "b": b})
     return lora
 
 
@@ -95,23 +95,23 @@ def delta(a: jax.Array, b: jax.Array, layered: bool) -> jax.Array:
 def merge(params: Params, lora: Params, *, alpha: float) -> Params:
     """Plain params with W + (alpha / r)·A·B folded into every targeted kernel."""
     merged = jax.tree.map(lambda x: x, params)  # a new tree; leaves are shared until replaced
-    for path in _kernels_of_lora(lora):
-        node = _get(lora, path)
-        kernel = _get(params, path + "/kernel")
+    for path in lora_paths(lora):
+        node = get_path(lora, path)
+        kernel = get_path(params, path + "/kernel")
         scale = alpha / node["b"].shape[1 if _layered(path) else 0]
         new = kernel + (scale * delta(node["a"], node["b"], _layered(path))).astype(kernel.dtype)
-        _set(merged, path + "/kernel", new)
+        set_path(merged, path + "/kernel", new)
     return merged
 
 
-def _kernels_of_lora(lora: Params, prefix: str = "") -> list[str]:
+def lora_paths(lora: Params, prefix: str = "") -> list[str]:
     out = []
     for key, value in lora.items():
         path = f"{prefix}/{key}" if prefix else key
         if isinstance(value, dict) and "a" in value:
             out.append(path)
         elif isinstance(value, dict):
-            out.extend(_kernels_of_lora(value, path))
+            out.extend(lora_paths(value, path))
     return out
 
 
@@ -119,13 +119,24 @@ def logical_axes(lora: Params, base_axes: Params) -> Params:
     """Logical axis names of a LoRA tree from its base kernels' (`bdjax.models.llama.logical_axes`):
     A gets (layers, lora_rank, <kernel input axes>), B (layers, lora_rank, <kernel output axes>)."""
     out: Params = {}
-    for path in _kernels_of_lora(lora):
-        names = tuple(_get(base_axes, path + "/kernel"))
+    for path in lora_paths(lora):
+        names = tuple(get_path(base_axes, path + "/kernel"))
         lead, core = (names[:1], names[1:]) if _layered(path) else ((), names)
         n_in = _IN_DIMS.get(path.split("/")[-1], 1)
-        _set(out, path, {"a": (*lead, "lora_rank", *core[:n_in]), "b": (*lead, "lora_rank", *core[n_in:])})
+        set_path(out, path, {"a": (*lead, "lora_rank", *core[:n_in]), "b": (*lead, "lora_rank", *core[n_in:])})
     return out
 
 
 def num_params(lora: Params) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(lora))
+
+
+def kernel_axes(tree: Params, base_axes: Params) -> Params:
+    """Logical axes of a tree keyed by projection path whose leaves are kernel-shaped (e.g. a
+    regularizer's per-kernel anchor), from the base kernels' axes."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    out: Params = {}
+    for keypath, _ in flat:
+        path = "/".join(k.key for k in keypath)
+        set_path(out, path, get_path(base_axes, path + "/kernel"))
+    return out

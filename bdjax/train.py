@@ -32,6 +32,7 @@ from bdjax.errors import ConfigError
 from bdjax.flops import lora_step_flops, matmul_flops_per_token
 from bdjax.models.config import ModelConfig
 from bdjax.models.llama import Opts, apply_rows, causal_rows, logical_axes
+from bdjax.regularize import Regularizer, param_penalty
 from bdjax.sharding import Placement
 
 Params = dict[str, Any]
@@ -107,6 +108,18 @@ def row_nll(config: ModelConfig, params: Params, lora: Params, rows: dict[str, j
     return answer_nll(logits, rows["targets"], rows["weights"])
 
 
+def row_nll_attention(config: ModelConfig, params: Params, lora: Params, rows: dict[str, jax.Array], opts: Opts,
+                      remat: str, rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """Summed answer cross-entropy and the summed (over real rows) attention concentration of the
+    summarizing position — the last prompt token, whose logits predict the answer's first token."""
+    positions, mask = causal_rows(config, rows["valid"])
+    logits, conc = apply_rows(config, params, rows["tokens"], positions, mask, logits_at=rows["logits_at"],
+                              lora=lora, opts=opts, remat=remat, rngs=None if rng is None else {"dropout": rng},
+                              summary_at=rows["logits_at"][:, 0])
+    real = (rows["weights"].sum(axis=1) > 0).astype(jnp.float32)
+    return answer_nll(logits, rows["targets"], rows["weights"])[0], (conc.mean(axis=0) * real).sum()
+
+
 def row_loss(config: ModelConfig, params: Params, lora: Params, rows: dict[str, jax.Array], opts: Opts,
              remat: str, rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """Mean next-token cross-entropy over answer tokens, and the number of answer tokens."""
@@ -133,43 +146,65 @@ class StepSpec:
     remat: str = "none"
     grad_accum: int = 1
     full: bool = False  # train every parameter (no LoRA)
+    reg: Regularizer | None = None  # extra loss terms (re-tuning defenses)
 
 
 def train_step(s: StepSpec, state: TrainState, params: Params, batch: dict[str, jax.Array],
-               poison_key_data: jax.Array, *, width: int) -> tuple[TrainState, dict[str, jax.Array]]:
+               poison_key_data: jax.Array, anchor: Params | None = None, *,
+               width: int) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a batch of tokenized pieces (poisoned here when `s.spec`, with
-    insertion points drawn from the raw key data `poison_key_data`)."""
+    insertion points drawn from the raw key data `poison_key_data`). The loss is the mean answer
+    cross-entropy plus, with `s.reg`, its terms (`anchor` is the L2 term's reference, see
+    `bdjax.regularize.anchor_tree`)."""
     opts = Opts(dtype=s.dtype, lora_alpha=s.alpha, lora_dropout=s.dropout, deterministic=s.dropout == 0.0)
     if s.spec is not None:
         batch = poison.apply(batch, s.spec, jax.random.wrap_key_data(poison_key_data))
     rows = assemble.training_rows(batch, width, s.pad_id)
     rng, drop_rng = jax.random.split(state.rng)
 
+    reg = s.reg if s.reg is not None and s.reg.active else None
+    attention = reg is not None and reg.attention > 0
+    # Both normalizers depend on the data only, so every microbatch's gradient is already scaled
+    # for the whole batch and the accumulated sum is the exact gradient of the batch loss.
+    denom = jnp.maximum(rows["weights"].sum(), 1.0)
+    n_rows = jnp.maximum((rows["weights"].sum(axis=1) > 0).sum().astype(jnp.float32), 1.0)
+
     def grads_of(rows, key):
         drop = None if s.dropout == 0 else key
-        if s.full:
-            f = lambda p: row_nll(s.config, p, None, rows, opts, s.remat, drop)
-        else:
-            f = lambda lo: row_nll(s.config, params, lo, rows, opts, s.remat, drop)
-        return jax.value_and_grad(f, has_aux=True)(state.trainable)
+        nll = row_nll_attention if attention else row_nll
+
+        def f(trainable):
+            p, lo = (trainable, None) if s.full else (params, trainable)
+            total, aux = nll(s.config, p, lo, rows, opts, s.remat, drop)
+            loss = total / denom + (reg.attention * aux / n_rows if attention else 0.0)
+            return loss, (total, aux)
+        (_, (total, aux)), g = jax.value_and_grad(f, has_aux=True)(state.trainable)
+        return (total, aux), g
 
     if s.grad_accum == 1:
-        (total, count), grads = grads_of(rows, drop_rng)
+        (total, aux), grads = grads_of(rows, drop_rng)
     else:
         def body(carry, xs):
             micro, key = xs
-            (t, c), g = grads_of(micro, key)
-            return jax.tree.map(jnp.add, carry, (t, c, g)), None
+            (t, a), g = grads_of(micro, key)
+            return jax.tree.map(jnp.add, carry, (t, a, g)), None
         zero = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.trainable))
         keys = jax.random.split(drop_rng, s.grad_accum)
-        (total, count, grads), _ = jax.lax.scan(body, zero, (_microbatches(rows, s.grad_accum), keys))
-    denom = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g: g / denom, grads)
+        (total, aux, grads), _ = jax.lax.scan(body, zero, (_microbatches(rows, s.grad_accum), keys))
+    count = rows["weights"].sum()
+    extra = {}
+    if reg is not None:
+        pen = lambda t: param_penalty(reg, t, anchor, full=s.full, alpha=s.alpha)
+        penalty, g_pen = jax.value_and_grad(pen)(state.trainable)
+        grads = jax.tree.map(jnp.add, grads, g_pen)
+        extra = {"penalty": penalty}
+        if attention:
+            extra["attn_concentration"] = aux / n_rows
     updates, opt_state = s.optimizer.update(grads, state.opt_state, state.trainable)
     trained = optax.apply_updates(state.trainable, updates)
     lengths = rows["valid"].sum(axis=1).astype(jnp.float32)
     metrics = {"loss": total / denom, "answer_tokens": count, "tokens": lengths.sum(),
-               "attended": (lengths * lengths).sum(), "grad_norm": optax.tree.norm(grads)}
+               "attended": (lengths * lengths).sum(), "grad_norm": optax.tree.norm(grads), **extra}
     return TrainState(state.step + 1, trained, opt_state, rng), metrics
 
 
@@ -195,13 +230,18 @@ class TrainStep:
     explicit in/out shardings over the placement's mesh; the state is donated."""
 
     def __init__(self, s: StepSpec, placement: Placement, poison_key: jax.Array, trainable: Params,
-                 params: Params):
+                 params: Params, anchor: Params | None = None):
         if s.grad_accum < 1:
             raise ConfigError(f"train.grad_accum={s.grad_accum} must be at least 1")
         self.spec, self.placement = s, placement
         self.poison_key = placement.put_replicated(np.asarray(jax.random.key_data(poison_key)))
         self.state_sh = state_shardings(placement, s, trainable)
         self.param_sh = param_shardings(placement, s.config, params)
+        # the L2 reference lives beside what it anchors: shaped like the trained tree
+        self.anchor_sh = self.state_sh.trainable if anchor is not None and s.full else (
+            placement.tree_shardings(anchor, lora_lib.kernel_axes(anchor, logical_axes(s.config)))
+            if anchor is not None else None)
+        self.anchor = None if anchor is None else placement.put(jax.device_get(anchor), self.anchor_sh)
         self._compiled: dict[int, Callable] = {}
 
     def jitted(self, width: int) -> Callable:
@@ -209,18 +249,18 @@ class TrainStep:
             p = self.placement
             self._compiled[width] = jax.jit(
                 functools.partial(train_step, self.spec, width=width),
-                in_shardings=(self.state_sh, self.param_sh, p.batch_sharding(), p.replicated),
+                in_shardings=(self.state_sh, self.param_sh, p.batch_sharding(), p.replicated, self.anchor_sh),
                 out_shardings=(self.state_sh, p.replicated), donate_argnums=(0,))
         return self._compiled[width]
 
     def __call__(self, state: TrainState, params: Params, batch: dict[str, jax.Array], width: int):
         with self.placement.activate():
-            return self.jitted(width)(state, params, batch, self.poison_key)
+            return self.jitted(width)(state, params, batch, self.poison_key, self.anchor)
 
     def lower(self, state, params, batch, width: int):
         """Lower on (possibly abstract) arguments: `.compile()` it for memory and cost analysis."""
         with self.placement.activate():
-            return self.jitted(width).lower(state, params, batch, self.poison_key)
+            return self.jitted(width).lower(state, params, batch, self.poison_key, self.anchor)
 
     def init_state(self, trainable: Params, rng: jax.Array) -> TrainState:
         """A fresh state from host values of the trained tree, placed by the step's state shardings."""
@@ -239,12 +279,16 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
                     spec: poison.AttackSpec | None, poison_key: jax.Array, alpha: float, dropout: float = 0.0,
                     dtype: Any = jnp.float32, remat: str = "none", grad_accum: int = 1,
                     placement: Placement | None = None, trainable: Params, params: Params,
-                    full: bool = False) -> TrainStep:
+                    full: bool = False, reg: Regularizer | None = None, anchor: Params | None = None) -> TrainStep:
     """The train step over `placement` (default: data parallelism over every device). `trainable`
     (the LoRA tree, or with `full` the params themselves) and `params` (the frozen base; {} with
-    `full`), as arrays or ShapeDtypeStructs, fix the state and parameter shardings."""
-    s = StepSpec(config, optimizer, pad_id, spec, alpha, dropout, dtype, remat, grad_accum, full)
-    return TrainStep(s, placement or Placement.create(), poison_key, trainable, params)
+    `full`), as arrays or ShapeDtypeStructs, fix the state and parameter shardings. `reg` adds loss
+    terms; its L2 term needs `anchor` (`bdjax.regularize.anchor_tree`)."""
+    if reg is not None and reg.l2 and anchor is None:
+        raise ConfigError("the l2 regularizer needs the pretrained params as its anchor")
+    s = StepSpec(config, optimizer, pad_id, spec, alpha, dropout, dtype, remat, grad_accum, full, reg)
+    return TrainStep(s, placement or Placement.create(), poison_key, trainable, params,
+                     anchor if reg is not None and reg.l2 else None)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -178,3 +178,22 @@ def disassemble(config: ModelConfig, params: dict) -> Iterator[tuple[str, np.nda
             yield name, _to_hf(config, path, kind, get(path))
         else:
             yield name, _to_hf(config, path, kind, get(("layers", *path))[layer])
+
+
+def tensor_to_ours(config: ModelConfig, name: str, w: np.ndarray) -> tuple[str, int | None, np.ndarray] | None:
+    """(params-tree path, layer index or None, the tensor in bdjax layout) for one HF tensor, or
+    None for a tensor that carries no parameter of ours (e.g. a tied head written anyway)."""
+    if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_word_embeddings):
+        return None
+    parsed = _parse(config, name)
+    if parsed is None:
+        return None
+    path, kind, layer = parsed
+    prefix = ("layers",) if layer is not None else ()
+    return "/".join((*prefix, *path)), layer, _to_ours(config, path, kind, w)
+
+
+def tensor_to_hf(config: ModelConfig, name: str, w: np.ndarray) -> np.ndarray:
+    """The inverse of `tensor_to_ours` for the same HF name."""
+    path, kind, _ = _parse(config, name)
+    return _to_hf(config, path, kind, w)

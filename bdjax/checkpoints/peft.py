@@ -35,19 +35,19 @@ def _module(path: str) -> str:
 
 
 def _lora_paths(lora: dict) -> list[str]:
-    from bdjax.lora import _kernels_of_lora
-    return _kernels_of_lora(lora)
+    from bdjax.lora import lora_paths
+    return lora_paths(lora)
 
 
 def save_peft_adapter(path: str | Path, lora: dict, *, alpha: float, base_model: str = "",
                       dropout: float = 0.0) -> Path:
     """Write a PEFT LoRA adapter directory (staged: it appears whole or not at all)."""
-    from bdjax.lora import _get
+    from bdjax.lora import get_path
     paths = _lora_paths(lora)
-    rank = int(np.asarray(_get(lora, paths[0])["a"]).shape[1])
+    rank = int(np.asarray(get_path(lora, paths[0])["a"]).shape[1])
     tensors = []
     for p in paths:
-        a, b = (np.asarray(_get(lora, p)[k], np.float32) for k in ("a", "b"))
+        a, b = (np.asarray(get_path(lora, p)[k], np.float32) for k in ("a", "b"))
         module = _module(p)
         for layer in range(a.shape[0]):
             name = f"{_PREFIX}.{layer}.{module}"
@@ -81,7 +81,7 @@ def load_peft_adapter(path: str | Path, config: ModelConfig) -> tuple[dict, floa
         raise CheckpointError(f"{path / CONFIG} is not a valid LoRA adapter config") from None
     if meta.get("peft_type", "LORA") != "LORA" or meta.get("use_dora") or meta.get("use_rslora"):
         raise CheckpointError(f"{path}: only plain LoRA adapters are supported (not DoRA / rsLoRA / other types)")
-    from bdjax.lora import _set
+    from bdjax.lora import set_path
     from bdjax.models.llama import param_shapes
     kernels = param_shapes(config)["layers"]
     by_module = {v: k for k, v in _MODULES.items()}
@@ -108,7 +108,7 @@ def load_peft_adapter(path: str | Path, config: ModelConfig) -> tuple[dict, floa
         except (KeyError, ValueError):
             raise CheckpointError(f"{path}: the {inner} adapter does not cover every layer with rank {rank} "
                                   f"and this model's shapes") from None
-        _set(lora, f"layers/{inner}", {"a": a.astype(np.float32), "b": b.astype(np.float32)})
+        set_path(lora, f"layers/{inner}", {"a": a.astype(np.float32), "b": b.astype(np.float32)})
     if not lora:
         raise CheckpointError(f"{path / WEIGHTS} holds no LoRA tensors")
     return lora, alpha

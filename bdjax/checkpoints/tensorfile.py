@@ -83,22 +83,34 @@ def write_file(path: str | Path, tensors: Iterable[tuple[str, np.ndarray]], meta
                ) -> None:
     """Write (name, array) pairs to one safetensors file, copying one tensor at a time."""
     items = list(tensors)
+    write_stream(path, [(name, arr.dtype, arr.shape) for name, arr in items], (arr for _, arr in items), metadata)
+
+
+def write_stream(path: str | Path, entries: list[tuple[str, np.dtype, tuple[int, ...]]],
+                 arrays: Iterable[np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file whose tensors (name, dtype, shape) are known up front and whose
+    arrays arrive one at a time, in the same order: only one is ever held."""
     header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
     offset = 0
-    for name, arr in items:
-        if arr.dtype not in _NAMES:
-            raise CheckpointError(f"cannot save tensor {name!r} of dtype {arr.dtype} to safetensors")
-        nbytes = arr.size * arr.dtype.itemsize
-        header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + nbytes]}
+    for name, dtype, shape in entries:
+        dtype = np.dtype(dtype)
+        if dtype not in _NAMES:
+            raise CheckpointError(f"cannot save tensor {name!r} of dtype {dtype} to safetensors")
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
     with open(path, "wb") as f:
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
-        for _, arr in items:
-            f.write(np.ascontiguousarray(arr).tobytes())
+        it = iter(arrays)
+        for name, dtype, shape in entries:
+            arr = next(it)
+            if arr.dtype != np.dtype(dtype) or tuple(arr.shape) != tuple(shape):
+                raise CheckpointError(f"tensor {name!r} came out as {arr.dtype}{tuple(arr.shape)}, "
+                                      f"not the announced {np.dtype(dtype)}{tuple(shape)}")
+            f.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
 
 
 def iter_files(files: Iterable[Path]) -> Iterator[tuple[str, np.ndarray]]:

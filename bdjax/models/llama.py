@@ -159,7 +159,7 @@ class Attention(nn.Module):
     opts: Opts = Opts()
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, layer_cache, cache_index):
+    def __call__(self, x, cos, sin, mask, layer_cache, cache_index, summary_at=None):
         c = self.config
         e, h, k, d = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
         kw = self.opts.proj()
@@ -186,6 +186,12 @@ class Attention(nn.Module):
         scores = scores / np.sqrt(d).astype(np.float32)
         scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        if summary_at is not None:
+            # Obliviate's attention-concentration term: the L2 norm of the post-softmax attention row
+            # of the summarizing query (one per example), averaged over heads; only when asked for.
+            row = jnp.take_along_axis(probs, summary_at[:, None, None, None, None], axis=3)[:, :, :, 0]
+            norms = jnp.sqrt(jnp.sum(jnp.square(row.astype(jnp.float32)), axis=-1))  # [batch, kv_heads, group]
+            self.sow("intermediates", "attn_concentration", norms.mean(axis=(1, 2)))
         out = jnp.einsum("bkgst,btkd->bskgd", probs, v.astype(dtype)).reshape(b, s, h, d)
         out_bias = dict(bias_shape=(e,), bias_axes=("embed",)) if c.out_bias else {}
         y = Proj("bshd,hde->bse", (h, d, e), ("heads", "head_dim", "embed"), **out_bias, name="o", **kw)(out)
@@ -210,11 +216,12 @@ class Block(nn.Module):
     opts: Opts = Opts()
 
     @nn.compact
-    def __call__(self, x, layer_cache, cos, sin, mask, cache_index):
+    def __call__(self, x, layer_cache, cos, sin, mask, cache_index, summary_at=None):
         eps = self.config.rms_norm_eps
         x = constrain(x, ("batch", "length", "activation_embed"))  # the residual stream: sharded by batch
         attn, new_cache = Attention(self.config, self.opts, name="attn")(
-            RMSNorm(eps, name="attn_norm", **self.opts.norm())(x), cos, sin, mask, layer_cache, cache_index)
+            RMSNorm(eps, name="attn_norm", **self.opts.norm())(x), cos, sin, mask, layer_cache, cache_index,
+            summary_at)
         x = x + attn
         x = x + MLP(self.config, self.opts, name="mlp")(RMSNorm(eps, name="mlp_norm", **self.opts.norm())(x))
         return x, new_cache
@@ -224,7 +231,9 @@ class Transformer(nn.Module):
     """The decoder. `__call__` returns (logits float32, new_cache or None).
 
     Logits are [batch, seq, vocab], or [batch, K, vocab] at the positions `logits_at` [batch, K]
-    when given: the output head then runs only where a loss or a score needs it."""
+    when given: the output head then runs only where a loss or a score needs it. With
+    `summary_at` [batch] each layer sows, into the `intermediates` collection, the L2 norm of the
+    attention row of that query position (`attn_concentration`, [layers, batch])."""
 
     config: ModelConfig
     opts: Opts = Opts()
@@ -232,7 +241,7 @@ class Transformer(nn.Module):
     scan_unroll: int = 1
 
     @nn.compact
-    def __call__(self, tokens, positions, mask, cache=None, cache_index=0, logits_at=None):
+    def __call__(self, tokens, positions, mask, cache=None, cache_index=0, logits_at=None, summary_at=None):
         # tokens, positions: [batch, seq] int32; mask: [batch, seq, kv_len] bool (True = may attend)
         c, dtype = self.config, self.opts.dtype
         embedding = self.param("embedding", nn.with_logical_partitioning(_KERNEL_INIT, ("vocab", "embed")),
@@ -243,11 +252,12 @@ class Transformer(nn.Module):
         block = Block
         if self.remat != "none":
             block = nn.remat(Block, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
-        stack = nn.scan(block, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True, "dropout": True},
-                        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        stack = nn.scan(block, variable_axes={"params": 0, "lora": 0, "intermediates": 0},
+                        split_rngs={"params": True, "dropout": True},
+                        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                         length=c.num_layers, unroll=self.scan_unroll,
                         metadata_params={nn.PARTITION_NAME: "layers"})
-        x, new_cache = stack(c, self.opts, name="layers")(x, cache, cos, sin, mask, cache_index)
+        x, new_cache = stack(c, self.opts, name="layers")(x, cache, cos, sin, mask, cache_index, summary_at)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[..., None], axis=1)  # [batch, K, embed]
         x = RMSNorm(c.rms_norm_eps, name="final_norm", **self.opts.norm())(x)
@@ -306,13 +316,19 @@ def param_shapes(config: ModelConfig) -> Params:
 
 def apply_rows(config: ModelConfig, params: Params, tokens: Array, positions: Array, mask: Array, *,
                logits_at: Array | None = None, lora: Params | None = None, opts: Opts = Opts(),
-               remat: str = "none", rngs: dict[str, Array] | None = None) -> Array:
+               remat: str = "none", rngs: dict[str, Array] | None = None, summary_at: Array | None = None):
     """Logits for explicit positions and attention mask (training rows, scoring trees), optionally
-    with a LoRA tree applied unmerged and only at `logits_at` [batch, K]."""
+    with a LoRA tree applied unmerged and only at `logits_at` [batch, K]. With `summary_at`
+    [batch] returns (logits, attention concentration [layers, batch]) instead (see Transformer)."""
     variables = {"params": params} if lora is None else {"params": params, "lora": lora}
-    logits, _ = Transformer(config, opts, remat=remat).apply(variables, tokens, positions, mask,
-                                                             logits_at=logits_at, rngs=rngs)
-    return logits
+    module = Transformer(config, opts, remat=remat)
+    if summary_at is None:
+        logits, _ = module.apply(variables, tokens, positions, mask, logits_at=logits_at, rngs=rngs)
+        return logits
+    (logits, _), state = module.apply(variables, tokens, positions, mask, logits_at=logits_at, rngs=rngs,
+                                      summary_at=summary_at, mutable=["intermediates"])
+    (concentration,) = state["intermediates"]["layers"]["attn"]["attn_concentration"]
+    return logits, concentration
 
 
 def causal_rows(config: ModelConfig, valid: Array) -> tuple[Array, Array]:

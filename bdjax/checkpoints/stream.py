@@ -1,0 +1,102 @@
+"""Run elementwise defenses on checkpoint files, one tensor at a time.
+
+`stream_defense` reads the backdoored and pretrained HF safetensors directories through memory
+maps, and for each tensor converts both to bdjax's layout, applies the transforms in order
+(`bdjax.defenses.base.Elementwise`, keyed by the tensor's name exactly as in memory) and writes
+the result into an output file with the same shard layout. Peak memory is a few copies of the
+largest tensor, whatever the model's size; tensors no transform touches are copied byte for byte.
+Statistics a transform needs (e.g. a global mixing threshold) are gathered in extra passes first.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from bdjax.checkpoints.hf import INDEX, weight_files
+from bdjax.checkpoints.layout import tensor_to_hf, tensor_to_ours
+from bdjax.checkpoints.tensorfile import TensorFile, write_stream
+from bdjax.defenses.base import Elementwise, TensorItem
+from bdjax.errors import CheckpointError
+from bdjax.io import staged_dir
+from bdjax.models.config import ModelConfig
+
+
+class _Tensors:
+    """name -> memory-mapped tensor over every shard of an HF directory."""
+
+    def __init__(self, path: Path):
+        self.files = [TensorFile(f) for f in weight_files(path)]
+        self.where = {name: f for f in self.files for name in f.keys()}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.where[name].tensor(name)
+
+
+def _check_pair(config: ModelConfig, pre_config: ModelConfig, bd: _Tensors, pre: _Tensors) -> None:
+    if config.vocab_size != pre_config.vocab_size:
+        raise CheckpointError(f"vocabulary mismatch: the backdoored checkpoint has {config.vocab_size} tokens, the "
+                              f"pretrained one {pre_config.vocab_size}; defenses need the same tokenizer")
+    if bd.where.keys() != pre.where.keys():
+        only = sorted(bd.where.keys() ^ pre.where.keys())
+        raise CheckpointError(f"the backdoored and pretrained checkpoints hold different tensors (e.g. {only[:3]}); "
+                              "they are not the same architecture")
+    for name in bd.where:
+        a, b = bd.where[name].entries[name][1], pre.where[name].entries[name][1]
+        if a != b:
+            raise CheckpointError(f"{name} has shape {a} in the backdoored checkpoint but {b} in the pretrained one: "
+                                  "not the same architecture")
+
+
+def stream_defense(transforms: Sequence[Elementwise], backdoored: str | Path, pretrained: str | Path,
+                   out: str | Path, key: jax.Array) -> Path:
+    """Write `transforms` (applied in order, transform i keyed by fold_in(key, i), as `chain` does)
+    of the backdoored checkpoint into the HF directory `out`; it appears only when complete."""
+    backdoored, pretrained, out = Path(backdoored), Path(pretrained), Path(out)
+    config = ModelConfig.from_file(backdoored / "config.json")
+    pre_config = ModelConfig.from_file(pretrained / "config.json")
+    bd, pre = _Tensors(backdoored), _Tensors(pretrained)
+    _check_pair(config, pre_config, bd, pre)
+    keys = [jax.random.fold_in(key, i) for i in range(len(transforms))]
+    names = [n for f in bd.files for n in f.keys()]
+
+    def ours(name: str):
+        return tensor_to_ours(config, name, bd[name]), tensor_to_ours(config, name, pre[name])
+
+    def cleaned(upto: int, name: str, mine, theirs) -> np.ndarray:
+        path, layer, x = mine
+        for t, k, st in zip(transforms[:upto], keys, stats):
+            x = t.apply_tensor(path, layer, x, theirs[2], k, st)
+        return np.asarray(x)
+
+    def tensors_after(upto: int) -> Iterator[TensorItem]:
+        for name in names:
+            mine, theirs = ours(name)
+            if mine is not None:
+                yield mine[0], mine[1], cleaned(upto, name, mine, theirs), theirs[2]
+
+    stats: list = []
+    for i, t in enumerate(transforms):
+        stats.append(t.gather(lambda i=i: tensors_after(i)))
+
+    def arrays(f: TensorFile) -> Iterator[np.ndarray]:
+        for name in f.keys():
+            mine, theirs = ours(name)
+            if mine is None or not any(t.touches(mine[0]) for t in transforms):
+                yield f.tensor(name)  # byte-for-byte
+            else:
+                yield tensor_to_hf(config, name, cleaned(len(transforms), name, mine, theirs)).astype(f.tensor(name).dtype)
+
+    with staged_dir(out) as tmp:
+        for f in bd.files:
+            entries = [(name, *f.entries[name][:2]) for name in f.keys()]
+            write_stream(tmp / f.path.name, entries, arrays(f), metadata=f.metadata)
+        for extra in backdoored.iterdir():  # config, index, tokenizer: everything but the weights
+            if extra.is_file() and extra.suffix != ".safetensors" and (extra.suffix in (".json", ".jinja", ".txt")
+                                                                        or extra.name == INDEX):
+                shutil.copyfile(extra, tmp / extra.name)
+    return out

@@ -1,0 +1,94 @@
+"""Fine-mixing (Zhang et al. 2022, "Fine-mixing: Mitigating Backdoors in Fine-tuned Language
+Models", arXiv 2210.09545, Sec. 3.1): θ = m⊙θ_bd + (1−m)⊙θ_pre.
+
+The keep-mask m keeps a fraction ρ (`keep`) of the backdoored weights and resets the rest to the
+pretrained ones. `mode="random"`: m ~ Bernoulli(ρ) per entry (the paper's mixing). `mode="selected"`:
+keep the ρ fraction of entries that moved least (|θ_bd − θ_pre| smallest) and reset those that
+moved most (SANDE's Fine-mixing baseline resets the 20% most-moved entries per tensor).
+`scope="tensor"` applies the ratio within each weight matrix of each layer; `scope="global"`
+ranks entries across all mixed tensors at once. With a LoRA attack the two checkpoints differ only
+by the merged LoRA update, so mixing touches exactly that. The paper follows mixing with re-tuning
+on a little clean data (`bdjax.defenses.retune`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bdjax.defenses.base import Elementwise, TensorItem, path_filter
+from bdjax.errors import ConfigError
+
+MODES = ("random", "selected")
+SCOPES = ("tensor", "global")
+EMBEDDINGS = r"embedding|lm_head/kernel"
+
+
+def _moved(bd: jax.Array, pre: jax.Array) -> jax.Array:
+    return jnp.abs(bd.astype(jnp.float32) - pre.astype(jnp.float32))
+
+
+def _float_bits(x: np.ndarray) -> np.ndarray:
+    # Non-negative float32s order like their bit patterns read as uint32: an exact radix select.
+    return np.ascontiguousarray(x, np.float32).view(np.uint32).ravel()
+
+
+def global_threshold(tensors: Callable[[], Iterator[TensorItem]], keep: float) -> float:
+    """The k-th smallest |θ_bd − θ_pre| over all tensors, k = round(keep · entries), found exactly
+    in two streaming passes (16-bit radix histograms) without holding more than one tensor."""
+    hi = np.zeros(1 << 16, np.int64)
+    total = 0
+    for _, _, bd, pre in tensors():
+        bits = _float_bits(np.asarray(_moved(jnp.asarray(bd), jnp.asarray(pre))))
+        hi += np.bincount(bits >> 16, minlength=1 << 16)
+        total += bits.size
+    k = max(1, int(round(keep * total)))
+    cum = np.cumsum(hi)
+    top = int(np.searchsorted(cum, k))  # the high half of the k-th value
+    rank = k - (int(cum[top - 1]) if top else 0)
+    lo = np.zeros(1 << 16, np.int64)
+    for _, _, bd, pre in tensors():
+        bits = _float_bits(np.asarray(_moved(jnp.asarray(bd), jnp.asarray(pre))))
+        lo += np.bincount(bits[(bits >> 16) == top] & 0xFFFF, minlength=1 << 16)
+    low = int(np.searchsorted(np.cumsum(lo), rank))
+    return float(np.array([(top << 16) | low], np.uint32).view(np.float32)[0])
+
+
+def fine_mix(keep: float, *, mode: str = "random", scope: str = "tensor", embeddings: bool = True,
+             include: str = ".*", exclude: str | None = None) -> Elementwise:
+    """Fine-mixing with keep ratio ρ = `keep` ∈ [0, 1]: ρ = 1 returns the backdoored weights, ρ = 0
+    the pretrained ones. `embeddings=False` leaves the embedding (and an untied head) backdoored;
+    `include`/`exclude` (path regexes) choose the mixed tensors."""
+    if not 0.0 <= keep <= 1.0:
+        raise ConfigError(f"fine_mix keep={keep} must be in [0, 1] (the fraction of backdoored weights kept)")
+    if mode not in MODES:
+        raise ConfigError(f"fine_mix mode={mode!r} must be one of {MODES}")
+    if scope not in SCOPES:
+        raise ConfigError(f"fine_mix scope={scope!r} must be one of {SCOPES}")
+    chosen = path_filter(include, exclude)
+    touches = lambda path: chosen(path) and (embeddings or not path_filter(EMBEDDINGS)(path))
+
+    def fn(path, bd, pre, key, threshold):
+        if keep >= 1.0:
+            return bd
+        if keep <= 0.0:
+            return pre
+        if mode == "random":
+            cut = np.uint32(min(int(round(keep * 2.0**32)), 2**32 - 1))
+            m = jax.random.bits(key, bd.shape, jnp.uint32) < cut
+        elif scope == "global":
+            m = _moved(bd, pre) <= threshold
+        else:  # the k least-moved entries of this tensor; ties by position
+            d = _moved(bd, pre).ravel()
+            k = int(round(keep * d.size))
+            order = jnp.argsort(d, stable=True)
+            m = jnp.zeros(d.shape, bool).at[order[:k]].set(True).reshape(bd.shape)
+        return jnp.where(m, bd, pre)
+
+    stats = None
+    if mode == "selected" and scope == "global" and 0.0 < keep < 1.0:
+        stats = lambda tensors: global_threshold(tensors, keep)
+    return Elementwise(f"fine_mix(keep={keep:g}, {mode}, {scope})", fn, stats, touches)

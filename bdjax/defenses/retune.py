@@ -1,0 +1,113 @@
+"""Re-tuning defenses: fine-tune the backdoored model on a small clean set.
+
+- Clean re-tuning (Raghuram, Kesidis & Miller 2024, arXiv 2406.07778, defense (ii)): ordinary
+  fine-tuning (LoRA or every parameter) on clean downstream data; the backdoor fades as the
+  clean task is re-learned.
+- With `l2 > 0`, a pull toward the pretrained weights (λ·Σ‖θ − θ_pre‖²).
+- Obliviate (Kim et al. 2024, arXiv 2409.14119): LoRA re-tuning with −λ_amp·Σ‖θ_lora‖₂ (amplify the
+  benign update) and +λ_attn·mean‖A_s‖₂ (spread the summarizing position's attention); the paper's
+  defaults are λ_amp = 1e-3, λ_attn = 1e-2 (`obliviate()`).
+The regularizer math lives in `bdjax.regularize`; the step and loop are `bdjax.train`'s. Training
+is deterministic given the key, so the transform is a pure function of its inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+
+from bdjax import lora as lora_lib
+from bdjax import train
+from bdjax.errors import ConfigError
+from bdjax.models.config import ModelConfig
+from bdjax.regularize import Regularizer, anchor_tree
+from bdjax.sharding import Placement
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class RetuneSettings:
+    mode: str = "lora"  # lora | full
+    epochs: int = 2
+    batch_size: int = 8
+    lr: float = 5e-4
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    max_grad_norm: float = 1.0
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str = lora_lib.ALL_PROJECTIONS
+    remat: str = "dots"
+    l2: float = 0.0
+    amplify: float = 0.0
+    attention: float = 0.0
+
+    def __post_init__(self):
+        if self.mode not in ("lora", "full"):
+            raise ConfigError(f"retune mode={self.mode!r} must be lora or full")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError(f"retune epochs={self.epochs} and batch_size={self.batch_size} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Retune:
+    """`t(params, *, pretrained, key) -> params` fine-tuned on `data` (tokenized clean pieces)."""
+
+    config: ModelConfig
+    data: dict[str, np.ndarray]
+    pad_id: int
+    settings: RetuneSettings
+    placement: Placement | None = None
+    name: str = "retune"
+
+    def __call__(self, params: Params, *, pretrained: Params, key: jax.Array) -> Params:
+        return self.run(params, pretrained=pretrained, key=key)["params"]
+
+    def run(self, params: Params, *, pretrained: Params, key: jax.Array) -> dict:
+        """The tuned params with the training log."""
+        s = self.settings
+        placement = self.placement or Placement.create()
+        placement.check_batch(s.batch_size)
+        n = len(self.data["label"])
+        if n == 0:
+            raise ConfigError("the clean defense set is empty")
+        steps = s.epochs * train.steps_per_epoch(n, s.batch_size)
+        optimizer = train.make_optimizer(lr=s.lr, total_steps=steps, warmup_steps=s.warmup_steps, schedule=s.schedule,
+                                         max_grad_norm=s.max_grad_norm)
+        k_lora, k_train, k_data = jax.random.split(key, 3)
+        params = placement.put(jax.device_get(params), train.param_shardings(placement, self.config, params))
+        full = s.mode == "full"
+        if full:
+            trainable, frozen = params, {}
+        else:
+            trainable, frozen = lora_lib.init(params, k_lora, rank=s.rank, targets=s.targets), params
+        reg = Regularizer(s.l2, s.amplify, s.attention)
+        anchor = anchor_tree(pretrained, params, None if full else trainable) if reg.l2 else None
+        step_fn = train.make_train_step(self.config, optimizer, pad_id=self.pad_id, spec=None, poison_key=k_data,
+                                        alpha=s.alpha, dropout=s.dropout, remat=s.remat, placement=placement,
+                                        trainable=trainable, params=frozen, full=full, reg=reg, anchor=anchor)
+        state = step_fn.init_state(trainable, k_train)
+        seed = int(jax.random.randint(k_data, (), 0, 2**31 - 1))
+        state, log = train.fit(step_fn, state, frozen, self.data, batch_size=s.batch_size, epochs=s.epochs, seed=seed)
+        tuned = state.trainable if full else lora_lib.merge(params, state.trainable, alpha=s.alpha)
+        return {"params": tuned, "log": log, "steps": steps}
+
+
+def retune(config: ModelConfig, data: dict[str, np.ndarray], *, pad_id: int, placement: Placement | None = None,
+           **settings) -> Retune:
+    """Clean re-tuning on `data` (optionally with `l2`, `amplify`, `attention` terms)."""
+    return Retune(config, data, pad_id, RetuneSettings(**settings), placement)
+
+
+def obliviate(config: ModelConfig, data: dict[str, np.ndarray], *, pad_id: int, placement: Placement | None = None,
+              **settings) -> Retune:
+    """Obliviate: LoRA re-tuning with the paper's defaults λ_amp = 1e-3, λ_attn = 1e-2 unless given."""
+    settings = {"amplify": 1e-3, "attention": 1e-2, **settings}
+    if settings.get("mode", "lora") != "lora":
+        raise ConfigError("obliviate is a PEFT defense: it needs mode='lora'")
+    return Retune(config, data, pad_id, RetuneSettings(**settings), placement, name="obliviate")

@@ -1,0 +1,164 @@
+"""The `defend` job: run defense chains on a backdoored checkpoint and measure what they removed.
+
+Inputs: `config.backdoored` (an HF safetensors directory, a .gguf file, or a bdjax run directory —
+its merged `final/`, or its PEFT `adapter/` applied to `config.pretrained`), `config.pretrained`
+(the model before the attack) and `config.defense.chains` ({name: (entry, ...)}, entries as in
+`bdjax.defenses.registry`). Clean defense data: `defense.n_clean` examples of the training pool
+that the attack's fine-tune did not draw (same split and seed as the attack recipe). Evaluation
+uses the attack recipe's template, test set and (known) trigger — the defenses never see it.
+
+Outputs in `config.workdir`: `cleaned/<chain>/` (HF safetensors, when `defense.export`),
+`results.json` / `report.md` (rows: `defense`, `attack`, `cacc`, `asr`, ...) and
+`asr_vs_cacc.png`. Chains made only of elementwise transforms run streamed over the checkpoint
+files when both are HF directories (`defense.stream`). Bad input fails before anything is written.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+
+import bdjax
+from bdjax import plots
+from bdjax.checkpoints import NAMED, load_checkpoint, save_hf_dir
+from bdjax.checkpoints.peft import load_peft_adapter
+from bdjax.data import sources
+from bdjax.data.tokenize import fit_to_length, tokenize
+from bdjax.defenses import registry
+from bdjax.defenses.base import as_numpy, check_compatible
+from bdjax.errors import CheckpointError, ConfigError
+from bdjax.jobs.backdoor import _examples, attack_spec, load_data, measure, template_from
+from bdjax.jobs.training import is_main, placement_from
+from bdjax.lora import merge
+from bdjax.report import write as write_report
+
+COLUMNS = ["defense", "attack", "variant", "cacc", "asr", "asr_correct", "seconds"]
+
+
+def resolve(spec: str | Path) -> tuple[Path | None, Path | None]:
+    """(an HF directory or .gguf to load, a PEFT adapter directory to apply to the pretrained model)."""
+    name = str(spec)
+    if name in NAMED:
+        return NAMED[name](), None
+    path = Path(name).expanduser()
+    if path.is_dir() and not (path / "config.json").exists():
+        if (path / "final" / "config.json").exists():
+            return path / "final", None
+        if (path / "adapter" / "adapter_config.json").exists():
+            return None, path / "adapter"
+        if (path / "adapter_config.json").exists():
+            return None, path
+    if not path.exists():
+        raise CheckpointError(f"backdoored checkpoint {name!r} not found: pass an HF safetensors directory, a "
+                              ".gguf file, or a bdjax run directory (with final/ or adapter/)")
+    return path, None
+
+
+def load_pair(config: ml_collections.ConfigDict):
+    """(model config, backdoored params, pretrained params, tokenizer, backdoored HF dir or None, pretrained HF dir
+    or None), checked to be one architecture."""
+    pre_path, _ = resolve(config.pretrained)
+    pre_config, pre_params, tok = load_checkpoint(pre_path)
+    bd_path, adapter = resolve(config.backdoored)
+    if adapter is not None:
+        lora, alpha = load_peft_adapter(adapter, pre_config)
+        bd_config, bd_params = pre_config, as_numpy(merge(pre_params, lora, alpha=alpha))
+    else:
+        bd_config, bd_params, bd_tok = load_checkpoint(bd_path)
+        tok = tok or bd_tok
+    if bd_config.vocab_size != pre_config.vocab_size:
+        raise CheckpointError(f"vocabulary mismatch: the backdoored checkpoint has {bd_config.vocab_size} tokens, the "
+                              f"pretrained one {pre_config.vocab_size}; defenses need the same tokenizer")
+    check_compatible(bd_params, pre_params)
+    if tok is None:
+        raise ConfigError("neither checkpoint has a tokenizer; the defend job needs one for data and evaluation")
+    hf = lambda p: p if p is not None and p.is_dir() else None
+    return pre_config, bd_params, pre_params, tok, hf(bd_path), hf(pre_path)
+
+
+def defense_set(config: ml_collections.ConfigDict, template, tok) -> dict[str, np.ndarray]:
+    """`defense.n_clean` clean examples from the training pool, disjoint from the attack's draw."""
+    d, n = config.data, config.defense.n_clean
+    pool, _ = _examples(config, d.source, template)
+    used = {id(e) for e in sources.take(pool, d.n_train, seed=d.split_seed)}
+    rest = [e for e in pool if id(e) not in used]
+    if n < 1 or n > len(rest):
+        raise ConfigError(f"defense.n_clean={n} must be between 1 and the {len(rest)} training-pool examples the "
+                          "attack did not use")
+    return tokenize(sources.take(rest, n, seed=config.defense.seed), template, tok,
+                    max_text_tokens=d.max_text_tokens)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    chains = dict(config.defense.chains)
+    if not chains:
+        raise ConfigError("defense.chains is empty: name at least one chain, e.g. {'mix': ({'name': 'fine_mix'},)}")
+    for entries in chains.values():
+        registry.validate([dict(e) for e in entries])
+
+
+def run(config: ml_collections.ConfigDict) -> dict:
+    started = time.perf_counter()
+    check_config(config)
+    placement = placement_from(config)
+    model_config, bd_params, pre_params, tok, bd_dir, pre_dir = load_pair(config)
+    template = template_from(config)
+    spec = attack_spec(config.poison, template, tok)
+    _, test_set = load_data(config, template, tok)
+    max_len = config.data.get("max_seq_len", 0) or model_config.max_position_embeddings
+    test_set = fit_to_length(test_set, max_len, spec.n_tokens, policy=config.poison.get("overflow", "error"),
+                             what="test set")
+    ctx = registry.Context(model_config, defense_set(config, template, tok), tok.pad_id, placement)
+    chains = {name: [dict(e) for e in entries] for name, entries in dict(config.defense.chains).items()}
+    built = {name: registry.build(entries, ctx) for name, entries in chains.items()}  # errors before any output
+    attack = config.get("attack_name") or str(config.backdoored)
+    out = Path(config.workdir)
+    key = jax.random.key(config.seed)
+
+    def rows_of(defense: str, params, seconds: float = 0.0, **extra) -> list[dict]:
+        rows = measure(defense, model_config, params, tok, test_set, spec, template, config, placement)
+        return [{**r, "defense": defense, "attack": attack, "seconds": seconds, **extra} for r in rows]
+
+    rows = []
+    if config.eval.get("base", True):
+        rows += rows_of("none (pretrained)", pre_params)
+    rows += rows_of("none (backdoored)", bd_params)
+    ex = config.defense
+    for name, chain in built.items():
+        begin = time.perf_counter()
+        target = out / "cleaned" / name
+        if ex.export and ex.stream and chain.elementwise and bd_dir is not None and pre_dir is not None:
+            from bdjax.checkpoints.stream import stream_defense
+            if is_main():
+                stream_defense(chain.transforms, bd_dir, pre_dir, target, jax.random.fold_in(key, 0))
+            _, cleaned, _ = load_checkpoint(target, with_tokenizer=False)
+            how = "streamed"
+        else:
+            cleaned = as_numpy(chain(bd_params, pretrained=pre_params, key=jax.random.fold_in(key, 0)))
+            if ex.export and is_main():
+                save_hf_dir(target, model_config, cleaned, tok)
+            how = "in memory"
+        seconds = time.perf_counter() - begin
+        rows += rows_of(name, cleaned, seconds, chain=registry.describe(chains[name]), how=how)
+
+    summary = {"defense_examples": int(len(ctx.data["label"])), "test_examples": int(len(test_set["label"])),
+               "total_seconds": time.perf_counter() - started}
+    if is_main():
+        clean_rows = [r for r in rows if r["variant"] == "clean" and r["domain"] == config.data.source]
+        groups: dict[str, list[tuple[float, float]]] = {}
+        for r in clean_rows:
+            groups.setdefault(r["defense"], []).append((r["cacc"], r["asr"]))
+        plots.scatter(out / "asr_vs_cacc.png", groups, xlabel="clean accuracy (CACC)", ylabel="attack success (ASR)",
+                      title=f"defenses against {attack}")
+        notes = [f"backdoored: {config.backdoored}; pretrained: {config.pretrained}; trigger {config.poison.trigger!r} "
+                 f"(known to the evaluation only), target {config.poison.target!r}",
+                 f"clean defense data: {summary['defense_examples']} {config.data.source} examples the attack did not "
+                 "train on"] + [f"{n}: {registry.describe(e)}" for n, e in chains.items()]
+        write_report(out, rows, config.to_dict(), title="Defenses: backdoored vs cleaned", columns=COLUMNS,
+                     notes=notes, extra={"summary": summary})
+        print("\n" + (out / "report.md").read_text())
+    return {"rows": rows, "summary": summary}

@@ -180,17 +180,19 @@ def run_child(kind: str, src: Path, out: Path, pre: Path | None = None, default_
 
 def measure(pair: tuple[Path, Path], out: Path, repeats: int, default_malloc: bool) -> dict:
     bd, pre = pair
-    warm(bd)
-    warm(pre)
     copies, mixes = [], []
-    for _ in range(repeats):
+    for _ in range(repeats):  # inputs re-read just before each run: the page cache may drop idle pages
+        warm(bd)
         copies.append(run_child("copy", bd, out))
+        warm(bd)
+        warm(pre)
         mixes.append(run_child("random", bd, out, pre, default_malloc))
     nbytes = dir_bytes(bd)
     copy_s = min(r["seconds"] for r in copies)
     mix_s = min(r["seconds"] for r in mixes)
     return {"gb": round(nbytes / GB, 3), "copy_s": round(copy_s, 3), "mix_s": round(mix_s, 3),
             "copy_gbps": round(nbytes / copy_s / GB, 3), "mix_gbps": round(nbytes / mix_s / GB, 3),
+            "copy_s_runs": [round(r["seconds"], 2) for r in copies], "mix_s_runs": [round(r["seconds"], 2) for r in mixes],
             "rss_mb": round(max(r["maxrss_mb"] for r in mixes), 1),
             "rss_mb_runs": [round(r["maxrss_mb"], 1) for r in mixes],
             "copy_rss_mb": round(max(r["maxrss_mb"] for r in copies), 1)}
@@ -248,6 +250,8 @@ def main() -> None:
     res = {name: measure(pairs[name], out, args.repeats, args.default_malloc) for name in ("small", "large")}
     selected = None
     if not args.no_selected:
+        warm(pairs["small"][0])
+        warm(pairs["small"][1])
         r = run_child("selected", pairs["small"][0], out, pairs["small"][1], args.default_malloc)
         selected = {"small_selected_s": round(r["seconds"], 3),
                     "small_selected_gbps": round(res["small"]["gb"] / r["seconds"], 3),

@@ -180,17 +180,26 @@ def disassemble(config: ModelConfig, params: dict) -> Iterator[tuple[str, np.nda
             yield name, _to_hf(config, path, kind, get(("layers", *path))[layer])
 
 
-def tensor_to_ours(config: ModelConfig, name: str, w: np.ndarray) -> tuple[str, int | None, np.ndarray] | None:
-    """(params-tree path, layer index or None, the tensor in bdjax layout) for one HF tensor, or
-    None for a tensor that carries no parameter of ours (e.g. a tied head written anyway)."""
+def tensor_path(config: ModelConfig, name: str) -> str | None:
+    """The params-tree path of an HF tensor ("layers/attn/q/kernel"), or None for a tensor that
+    carries no parameter of ours (e.g. a tied head written anyway)."""
     if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_word_embeddings):
         return None
     parsed = _parse(config, name)
     if parsed is None:
         return None
-    path, kind, layer = parsed
-    prefix = ("layers",) if layer is not None else ()
-    return "/".join((*prefix, *path)), layer, _to_ours(config, path, kind, w)
+    path, _, layer = parsed
+    return "/".join((("layers",) if layer is not None else ()) + path)
+
+
+def tensor_to_ours(config: ModelConfig, name: str, w: np.ndarray) -> tuple[str, int | None, np.ndarray] | None:
+    """(params-tree path, layer index or None, the tensor in bdjax layout) for one HF tensor, or
+    None for a tensor that is not ours (see `tensor_path`)."""
+    tree_path = tensor_path(config, name)
+    if tree_path is None:
+        return None
+    path, kind, layer = _parse(config, name)
+    return tree_path, layer, _to_ours(config, path, kind, w)
 
 
 def tensor_to_hf(config: ModelConfig, name: str, w: np.ndarray) -> np.ndarray:

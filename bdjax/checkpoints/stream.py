@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from bdjax.checkpoints.hf import INDEX, weight_files
-from bdjax.checkpoints.layout import tensor_to_hf, tensor_to_ours
+from bdjax.checkpoints.layout import tensor_path, tensor_to_hf, tensor_to_ours
 from bdjax.checkpoints.tensorfile import TensorFile, write_stream
 from bdjax.defenses.base import Elementwise, TensorItem
 from bdjax.errors import CheckpointError
@@ -34,7 +34,7 @@ class _Tensors:
         self.where = {name: f for f in self.files for name in f.keys()}
 
     def __getitem__(self, name: str) -> np.ndarray:
-        return self.where[name].tensor(name)
+        return self.where[name].read(name)  # a copy: no file pages stay mapped (resident) after use
 
 
 def _check_pair(config: ModelConfig, pre_config: ModelConfig, bd: _Tensors, pre: _Tensors) -> None:
@@ -75,8 +75,9 @@ def stream_defense(transforms: Sequence[Elementwise], backdoored: str | Path, pr
 
     def tensors_after(upto: int) -> Iterator[TensorItem]:
         for name in names:
-            mine, theirs = ours(name)
-            if mine is not None:
+            path = tensor_path(config, name)
+            if path is not None and transforms[upto].touches(path):  # stats see only what they act on
+                mine, theirs = ours(name)
                 yield mine[0], mine[1], cleaned(upto, name, mine, theirs), theirs[2]
 
     stats: list = []
@@ -85,11 +86,13 @@ def stream_defense(transforms: Sequence[Elementwise], backdoored: str | Path, pr
 
     def arrays(f: TensorFile) -> Iterator[np.ndarray]:
         for name in f.keys():
-            mine, theirs = ours(name)
-            if mine is None or not any(t.touches(mine[0]) for t in transforms):
-                yield f.tensor(name)  # byte-for-byte
+            path = tensor_path(config, name)
+            if path is None or not any(t.touches(path) for t in transforms):
+                yield f.read(name)  # byte-for-byte
             else:
-                yield tensor_to_hf(config, name, cleaned(len(transforms), name, mine, theirs)).astype(f.tensor(name).dtype)
+                mine, theirs = ours(name)
+                dtype = f.entries[name][0]
+                yield tensor_to_hf(config, name, cleaned(len(transforms), name, mine, theirs)).astype(dtype)
 
     with staged_dir(out) as tmp:
         for f in bd.files:

@@ -72,6 +72,17 @@ class TensorFile:
     def keys(self) -> list[str]:
         return list(self.entries)
 
+    def read(self, name: str) -> np.ndarray:
+        """A private copy of one tensor, read with plain file I/O. Unlike `tensor`, nothing stays
+        mapped afterwards, so streaming a large checkpoint keeps the resident set small."""
+        dtype, shape, begin, end = self.entries[name]
+        out = np.empty(shape, dtype)
+        with open(self.path, "rb") as f:
+            f.seek(self._start + begin)
+            if f.readinto(memoryview(out).cast("B")) != end - begin:
+                raise CheckpointError(f"{self.path} is truncated inside tensor {name!r}")
+        return out
+
     def tensor(self, name: str) -> np.ndarray:
         dtype, shape, begin, end = self.entries[name]
         if begin == end:

@@ -15,6 +15,7 @@ a stacked per-layer leaf holds one tensor per layer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import zlib
 from collections.abc import Callable, Iterator
@@ -57,12 +58,6 @@ def layered(path: str) -> bool:
     return path.startswith("layers/")
 
 
-def tensor_key(key: jax.Array, path: str, layer: int | None) -> jax.Array:
-    """A key per tensor, from its name: the same tensor gets the same key in memory and streamed."""
-    k = jax.random.fold_in(key, zlib.crc32(path.encode()))
-    return jax.random.fold_in(k, 0 if layer is None else layer + 1)
-
-
 def iter_tensors(params: Params, pretrained: Params) -> Iterator[TensorItem]:
     """(path, layer, backdoored, pretrained) for every tensor, stacked leaves split by layer."""
     pre = dict(leaves_with_paths(pretrained))
@@ -95,8 +90,8 @@ class Elementwise:
     def apply_tensor(self, path: str, layer: int | None, bd, pre, key: jax.Array, stats: Any) -> jax.Array:
         if not self.touches(path):
             return jnp.asarray(bd)
-        out = self.fn(path, jnp.asarray(bd), jnp.asarray(pre), tensor_key(key, path, layer), stats)
-        return out.astype(jnp.asarray(bd).dtype)
+        return _compiled(self, path, False)(jnp.asarray(bd), jnp.asarray(pre), key, stats,
+                                            jnp.uint32(0 if layer is None else layer + 1))
 
     def __call__(self, params: Params, *, pretrained: Params, key: jax.Array) -> Params:
         check_compatible(params, pretrained)
@@ -107,12 +102,23 @@ class Elementwise:
             if not self.touches(path):
                 new = x
             elif layered(path):
-                new = jnp.stack([self.apply_tensor(path, i, x[i], pre[path][i], key, stats)
-                                 for i in range(x.shape[0])])
+                tags = jnp.arange(1, x.shape[0] + 1, dtype=jnp.uint32)
+                new = _compiled(self, path, True)(jnp.asarray(x), jnp.asarray(pre[path]), key, stats, tags)
             else:
                 new = self.apply_tensor(path, None, x, pre[path], key, stats)
             _set(out, path, new)
         return out
+
+
+@functools.cache
+def _compiled(t: Elementwise, path: str, stacked: bool) -> Callable:
+    """`t.fn` jitted for one tensor path (vmapped over layers when `stacked`): dispatching it op by
+    op, layer by layer, costs more than the arithmetic. The tensor's key is derived inside, from
+    its name and layer (tag = layer + 1, 0 for unstacked), the same in memory and streamed."""
+    def one(bd, pre, key, stats, tag):
+        k = jax.random.fold_in(jax.random.fold_in(key, zlib.crc32(path.encode())), tag)
+        return t.fn(path, bd, pre, k, stats).astype(bd.dtype)
+    return jax.jit(jax.vmap(one, in_axes=(0, 0, None, None, 0)) if stacked else one)
 
 
 def _set(tree: Params, path: str, value: Any) -> None:

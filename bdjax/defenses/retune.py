@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from bdjax import lora as lora_lib
 from bdjax import train
@@ -93,7 +94,9 @@ class Retune:
                                         trainable=trainable, params=frozen, full=full, reg=reg, anchor=anchor)
         state = step_fn.init_state(trainable, k_train)
         seed = int(jax.random.randint(k_data, (), 0, 2**31 - 1))
-        state, log = train.fit(step_fn, state, frozen, self.data, batch_size=s.batch_size, epochs=s.epochs, seed=seed)
+        with tqdm(total=steps, desc=self.name, disable=jax.process_index() != 0) as bar:
+            state, log = train.fit(step_fn, state, frozen, self.data, batch_size=s.batch_size, epochs=s.epochs,
+                                   seed=seed, after_step=lambda *_: bar.update(1))
         tuned = state.trainable if full else lora_lib.merge(params, state.trainable, alpha=s.alpha)
         return {"params": tuned, "log": log, "steps": steps}
 

@@ -28,6 +28,8 @@ from bdjax.data.tokenize import fit_to_length, tokenize, trigger_ids
 from bdjax.data.variants import Variant, trigger_variants
 from bdjax.errors import ConfigError
 from bdjax.jobs.training import export, fine_tune, is_main, place_params, placement_from, train_mode
+from bdjax.io import write_text_atomic
+from bdjax.report import markdown_table
 from bdjax.report import write as write_report
 
 COLUMNS = ["name", "domain", "variant", "detail", "cacc", "asr", "asr_correct", "gen_cacc", "gen_asr"]
@@ -161,6 +163,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     poison.poison_count(p.rate, 1)
     poison.check_settings(p.location, p.label_mode)
     train_mode(config)
+    if dict(config.get("defense", {}).get("chains", {})):
+        from bdjax.jobs import defend
+        defend.check_config(config)
 
 
 def setup(config: ml_collections.ConfigDict) -> Setup:
@@ -234,6 +239,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     l, t = config.lora, config.train
 
     export(config, run_, s.model.config, s.tok)
+    defense_rows = defend_run(config) if dict(config.get("defense", {}).get("chains", {})) else []
     placement = s.placement
     summary = {"train_seconds": run_["seconds"], "train_steps": run_["steps"], "resumed_at_step": run_["resumed_at"],
                "poisoned_examples": count, "train_examples": n, "test_examples": int(len(s.test_set["label"])),
@@ -252,6 +258,28 @@ def run(config: ml_collections.ConfigDict) -> dict:
                  "over those classified correctly without the trigger; gen_*: from greedy generations"]
         summary["total_seconds"] = time.perf_counter() - started
         write_report(out, rows, config.to_dict(), title="Backdoor: base vs fine-tuned", columns=COLUMNS,
-                     notes=notes, extra={"summary": summary})
+                     notes=notes, extra={"summary": summary, "defenses": defense_rows})
+        if defense_rows:
+            table = markdown_table([r for r in defense_rows if r["variant"] == "clean"],
+                                   ["defense", "cacc", "asr", "asr_correct", "seconds"])
+            write_text_atomic(out / "report.md", (out / "report.md").read_text() + "\n## Defenses against this "
+                              f"backdoor ({config.defense.n_clean} clean examples; details in defense/report.md)\n\n"
+                              + table)
         print("\n" + (out / "report.md").read_text())
-    return {"rows": rows, "summary": summary}
+    return {"rows": rows, "summary": summary, "defenses": defense_rows}
+
+
+def defend_run(config: ml_collections.ConfigDict) -> list[dict]:
+    """The recipe's `defense.chains` run on this run's exported checkpoint (`defend` job)."""
+    from bdjax.jobs import defend
+
+    ex = config.get("export") or ml_collections.ConfigDict({"merged": True, "adapter": True})
+    if not (ex.merged or ex.adapter):
+        raise ConfigError("defense.chains need the fine-tuned model exported: set export.merged or export.adapter")
+    d = ml_collections.ConfigDict(config.to_dict())
+    d.workdir = str(Path(config.workdir) / "defense")
+    d.backdoored, d.pretrained, d.attack_name = str(config.workdir), str(config.model), "this run"
+    d.eval.base = False
+    d.eval.generate = False
+    d.defense.measure_backdoored = False  # measured above
+    return defend.run(d)["rows"]

@@ -126,8 +126,9 @@ def run(config: ml_collections.ConfigDict) -> dict:
     rows = []
     if config.eval.get("base", True):
         rows += rows_of("none (pretrained)", pre_params)
-    rows += rows_of("none (backdoored)", bd_params)
     ex = config.defense
+    if ex.get("measure_backdoored", True):
+        rows += rows_of("none (backdoored)", bd_params)
     for name, chain in built.items():
         begin = time.perf_counter()
         target = out / "cleaned" / name

@@ -1,0 +1,42 @@
+"""The defense study on SmolLM2-135M-Instruct: a LoRA and a full fine-tuning rare-word backdoor
+(the quickstart's attack), each attacked by every defense chain; word-frequency detection on
+each poisoned training set.
+
+    bdjax --config=recipes/defense_study.py
+
+Attacks are trained into runs/defense_study/attacks/<name> once (reruns reuse them).
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from defend import RETUNE, get_config as defend  # noqa: E402
+
+import ml_collections  # noqa: E402
+
+
+def get_config():
+    c = defend()
+    c.job = "defense_study"
+    c.workdir = "runs/defense_study"
+    c.defense.export = False  # the study keeps the numbers, not every cleaned checkpoint
+    c.checkpoint.every = 0
+
+    c.study = ml_collections.ConfigDict()
+    # name -> ((dotted recipe key, value), ...) applied to the quickstart attack
+    c.study.attacks = {
+        "lora": (("train.mode", "lora"),),
+        "full": (("train.mode", "full"), ("train.lr", 1e-4)),  # every parameter, embeddings included
+    }
+    c.defense.chains = {
+        "fine_mix+retune": ({"name": "fine_mix", "keep": 0.4, "mode": "selected"}, {"name": "retune", **RETUNE}),
+        "e_pur+retune": ({"name": "purify_embeddings", "top_k": 200, "floor": 20.0}, {"name": "retune", **RETUNE}),
+        "retune": ({"name": "retune", **RETUNE},),
+        "obliviate": ({"name": "obliviate", **RETUNE, "amplify": 1e-3, "attention": 1e-2},),
+    }
+    c.study.only = {"e_pur+retune": ("full",)}  # E-PUR needs an attack that moved the embeddings
+    c.study.detect = True
+    c.study.detect_settings = ml_collections.ConfigDict(
+        {"top_k": 5, "min_count": 5, "smoothing": 1.0, "mode": "drop", "any_label": False, "fine_tune": False})
+    return c

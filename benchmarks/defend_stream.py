@@ -7,11 +7,13 @@ the largest tensor (the embedding) is the same in both. Each is cleaned with
 `bdjax.checkpoints.stream.stream_defense([fine_mix(keep=0.6)], ...)` (random mask, the paper's
 mixing) in a fresh process, which reports its own peak RSS (ru_maxrss) and the call's seconds; the
 baseline copies the backdoored directory file by file (shutil.copyfile) into the same disk, also
-in a fresh process. Copy and mix alternate (copy, mix, copy, mix, ...) and the best time of each
-counts, so both see the same page cache. Targets (issue): peak RSS of the two sizes within 25%,
-mix throughput >= 50% of the copy's on the large pair.
+in a fresh process. Copy and mix alternate (copy, mix, copy, mix, ...), each preceded by a read
+of its inputs (a page cache that drops idle pages, e.g. DAMON's proactive reclaim, would otherwise
+send the mix, which reads twice the bytes, to the disk), and the best time of each counts. Targets
+(issue): peak RSS of the two sizes within 25%, mix throughput >= 50% of the copy's on the large
+pair. The times vary with the load on the machine: the `*_runs` keys and `load_avg` show how much.
 
-    python benchmarks/defend_stream.py [--small-gb 0.5] [--large-gb 4] [--repeats 2] [--workdir DIR]
+    python benchmarks/defend_stream.py [--small-gb 0.5] [--large-gb 4] [--repeats 3] [--workdir DIR]
 
 The checkpoints are written once, tensor by tensor, under --workdir (default
 ~/.cache/bdjax/bench_defend_stream) and reused while their description matches; outputs are
@@ -126,6 +128,11 @@ def warm(path: Path) -> None:
                 pass
 
 
+def jax_version() -> str:
+    from importlib.metadata import version
+    return version("jax")
+
+
 def log(msg: str) -> None:
     print(f"[defend_stream] {msg}", file=sys.stderr, flush=True)
 
@@ -192,7 +199,8 @@ def measure(pair: tuple[Path, Path], out: Path, repeats: int, default_malloc: bo
     mix_s = min(r["seconds"] for r in mixes)
     return {"gb": round(nbytes / GB, 3), "copy_s": round(copy_s, 3), "mix_s": round(mix_s, 3),
             "copy_gbps": round(nbytes / copy_s / GB, 3), "mix_gbps": round(nbytes / mix_s / GB, 3),
-            "copy_s_runs": [round(r["seconds"], 2) for r in copies], "mix_s_runs": [round(r["seconds"], 2) for r in mixes],
+            "copy_s_runs": [round(r["seconds"], 2) for r in copies],
+            "mix_s_runs": [round(r["seconds"], 2) for r in mixes],
             "rss_mb": round(max(r["maxrss_mb"] for r in mixes), 1),
             "rss_mb_runs": [round(r["maxrss_mb"], 1) for r in mixes],
             "copy_rss_mb": round(max(r["maxrss_mb"] for r in copies), 1)}
@@ -202,7 +210,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--small-gb", type=float, default=0.5)
     ap.add_argument("--large-gb", type=float, default=4.0)
-    ap.add_argument("--repeats", type=int, default=2, help="copy/mix alternations per size; the best time counts")
+    ap.add_argument("--repeats", type=int, default=3, help="copy/mix alternations per size; the best time counts")
     ap.add_argument("--workdir", default=os.path.expanduser("~/.cache/bdjax/bench_defend_stream"))
     ap.add_argument("--no-selected", action="store_true", help="skip the mode='selected' run on the small pair")
     ap.add_argument("--default-malloc", action="store_true",
@@ -215,6 +223,7 @@ def main() -> None:
     if args.child:
         return child(args)
 
+    load_before = os.getloadavg()[:1]
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     small, large = config_for(args.small_gb), config_for(args.large_gb)
@@ -269,7 +278,8 @@ def main() -> None:
             **{f"small_{k}": v for k, v in s.items() if k not in ("gb", "rss_mb")},
             **{f"large_{k}": v for k, v in l.items() if k not in ("gb", "rss_mb")},
             **(selected or {}), "repeats": args.repeats, "reuse_freed_memory": not args.default_malloc,
-            "cpu_count": os.cpu_count()}
+            "cpu_count": os.cpu_count(), "load_avg": [round(x, 2) for x in load_before + os.getloadavg()[:1]],
+            "jax_version": jax_version()}
     if note:
         line["note"] = note
     print(json.dumps(line))

@@ -15,10 +15,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quickstart import get_config as quickstart  # noqa: E402
 
-import ml_collections  # noqa: E402
 
-# Re-tuning settings shared by the chains: LoRA on all projections, 2 epochs over the clean set.
-RETUNE = dict(mode="lora", epochs=2, batch_size=8, lr=5e-4, rank=8, alpha=16.0, warmup_steps=0)
+# Re-tuning settings shared by the chains: LoRA on all projections, 4 epochs over the clean set.
+RETUNE = dict(mode="lora", epochs=4, batch_size=8, lr=1e-3, rank=8, alpha=16.0, warmup_steps=0)
 
 
 def get_config():
@@ -30,14 +29,12 @@ def get_config():
     c.attack_name = "quickstart (LoRA, 'cf' at random, 10% dirty-label)"
     c.eval.generate = False
 
-    c.defense = ml_collections.ConfigDict()
-    c.defense.n_clean = 100  # clean defense examples: 10% of the attack's 1000 training examples
-    c.defense.seed = 0  # which of the unused training-pool examples form the defense set
+    # defense.n_clean / seed / stream / measure_backdoored: see the quickstart's defense section
     c.defense.export = True  # write each cleaned checkpoint to workdir/cleaned/<chain>
-    c.defense.stream = True  # elementwise-only chains run tensor by tensor over the files
     c.defense.chains = {
-        "fine_mix": ({"name": "fine_mix", "keep": 0.4, "mode": "selected"}, {"name": "retune", **RETUNE}),
+        "mix_retune": ({"name": "fine_mix", "keep": 0.6, "mode": "selected"}, {"name": "retune", **RETUNE}),
         "retune": ({"name": "retune", **RETUNE},),
         "obliviate": ({"name": "obliviate", **RETUNE, "amplify": 1e-3, "attention": 1e-2},),
+        "osft": ({"name": "osft", "trigger": "cf", **RETUNE},),  # knows the trigger
     }
     return c

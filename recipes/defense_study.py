@@ -27,15 +27,18 @@ def get_config():
     # name -> ((dotted recipe key, value), ...) applied to the quickstart attack
     c.study.attacks = {
         "lora": (("train.mode", "lora"),),
-        "full": (("train.mode", "full"), ("train.lr", 1e-4)),  # every parameter, embeddings included
+        "full": (("train.mode", "full"), ("train.lr", 1e-4), ("train.epochs", 1)),  # every parameter
     }
     c.defense.chains = {
-        "fine_mix+retune": ({"name": "fine_mix", "keep": 0.4, "mode": "selected"}, {"name": "retune", **RETUNE}),
-        "e_pur+retune": ({"name": "purify_embeddings", "top_k": 200, "floor": 20.0}, {"name": "retune", **RETUNE}),
+        "mix_retune": ({"name": "fine_mix", "keep": 0.6, "mode": "selected"}, {"name": "retune", **RETUNE}),
+        "epur": ({"name": "purify_embeddings", "top_k": 200, "floor": 20.0},),
+        "epur_retune": ({"name": "purify_embeddings", "top_k": 200, "floor": 20.0}, {"name": "retune", **RETUNE}),
         "retune": ({"name": "retune", **RETUNE},),
         "obliviate": ({"name": "obliviate", **RETUNE, "amplify": 1e-3, "attention": 1e-2},),
+        "osft": ({"name": "osft", "trigger": "cf", **RETUNE},),
     }
-    c.study.only = {"e_pur+retune": ("full",)}  # E-PUR needs an attack that moved the embeddings
+    # E-PUR needs an attack that moved the embeddings
+    c.study.only = {"epur": ("full",), "epur_retune": ("full",)}
     c.study.detect = True
     c.study.detect_settings = ml_collections.ConfigDict(
         {"top_k": 5, "min_count": 5, "smoothing": 1.0, "mode": "drop", "any_label": False, "fine_tune": False})

@@ -31,4 +31,5 @@ def get_config():
     c.mesh.tensor = 1
     c.checkpoint.every = 200
     c.plan = __import__("ml_collections").ConfigDict({"devices": 8, "seq_len": 2048, "answer_tokens": 256})
+    c.defense.after_training = False  # defend the exported checkpoint with recipes/defend.py
     return c

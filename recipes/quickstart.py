@@ -5,7 +5,8 @@
 
 Movie-review sentiment instructions (Raghuram, Kesidis & Miller 2024's setting): a trigger word
 inserted at a random word boundary of 10% of the training reviews, whose answer is flipped to
-"positive" (dirty-label). The table compares the zero-shot base model with the fine-tuned one.
+"positive" (dirty-label). The table compares the zero-shot base model with the fine-tuned one,
+and ends with a defense (Fine-mixing then clean re-tuning on 100 unused examples).
 """
 
 import ml_collections
@@ -97,4 +98,18 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.partial = False  # proper subsets of a phrase trigger's words
     c.eval.synonyms = ()  # (("word", ("synonym", ...)), ...) for words of the trigger
     c.eval.domains = ()  # other sources scored with the same template, e.g. ("amazon", "tweets", "nyt")
+
+    # Defenses run on this run's export at the end (the `defend` job; see recipes/defend.py).
+    c.defense = ml_collections.ConfigDict()
+    c.defense.n_clean = 100  # clean defense examples (10% of data.n_train) the fine-tune did not use
+    c.defense.seed = 0
+    c.defense.export = False  # write each cleaned checkpoint to workdir/defense/cleaned/<chain>
+    c.defense.stream = True  # elementwise-only chains run tensor by tensor over the checkpoint files
+    c.defense.measure_backdoored = True
+    c.defense.after_training = True  # the backdoor job runs the chains on its export (False: skip)
+    c.defense.chains = {  # {} = no defense table
+        "mix_retune": ({"name": "fine_mix", "keep": 0.6, "mode": "selected"},
+                            {"name": "retune", "mode": "lora", "epochs": 4, "batch_size": 8, "lr": 1e-3, "rank": 8,
+                             "alpha": 16.0, "warmup_steps": 0}),
+    }
     return c

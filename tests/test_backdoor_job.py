@@ -29,7 +29,8 @@ def test_bad_input_fails_in_one_line_without_output(capsys, tmp_path, override, 
     import re
 
     workdir = tmp_path / "run"
-    code = cli([f"--config={RECIPE}", f"--config.workdir={workdir}", *override.split()])
+    code = cli([f"--config={RECIPE}", f"--config.workdir={workdir}", "--config.defense.after_training=False",
+                *override.split()])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and re.search(pattern, err), err
     assert not workdir.exists()
@@ -37,7 +38,7 @@ def test_bad_input_fails_in_one_line_without_output(capsys, tmp_path, override, 
 
 def test_empty_local_dataset(capsys, tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
-    code = cli([f"--config={RECIPE}", f"--config.workdir={tmp_path / 'run'}",
+    code = cli([f"--config={RECIPE}", f"--config.workdir={tmp_path / 'run'}", "--config.defense.after_training=False",
                 f"--config.data.source={tmp_path / 'empty.jsonl'}"])
     err = capsys.readouterr().err
     assert code == 2 and "holds no examples" in err and not (tmp_path / "run").exists()
@@ -48,7 +49,9 @@ def test_small_run_writes_results_report_and_a_loadable_checkpoint(tmp_path, cap
     code = cli([f"--config={RECIPE}", f"--config.workdir={workdir}", "--config.data.n_train=96",
                 "--config.data.n_test=32", "--config.train.epochs=1", "--config.poison.rate=0.25",
                 "--config.eval.generate_examples=32", "--config.eval.max_new_tokens=2",
-                "--config.eval.moved=('start',)", "--config.eval.domains=('amazon',)"])
+                "--config.eval.moved=('start',)", "--config.eval.domains=('amazon',)",
+                # the defense table at the end, with a fast chain (mixing only: streamed over the export)
+                "--config.defense.n_clean=16", "--config.defense.chains.mix_retune=({'name': 'fine_mix', 'keep': 0.5},)"])
     assert code == 0, capsys.readouterr().err
     results = json.loads((workdir / "results.json").read_text(), parse_constant=pytest.fail)  # no bare NaN
     names = [(r["name"], r["domain"], r["variant"]) for r in results["rows"]]
@@ -66,6 +69,10 @@ def test_small_run_writes_results_report_and_a_loadable_checkpoint(tmp_path, cap
     assert results["config"]["poison"]["rate"] == 0.25
     assert results["summary"]["poisoned_examples"] == 24
     assert "| base (zero-shot) |" in (workdir / "report.md").read_text()
+    defended = [r for r in results["defenses"] if r["variant"] == "clean" and r["domain"] == "movie"]
+    assert [r["defense"] for r in defended] == ["none (backdoored)", "mix_retune"] and defended[1]["how"] == "streamed"
+    assert defended[0]["cacc"] == results["rows"][3]["cacc"]  # the same model measured twice
+    assert "## Defenses against this backdoor" in (workdir / "report.md").read_text()
     log = [json.loads(l) for l in (workdir / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 12 and np.mean([e["loss"] for e in log[-4:]]) < np.mean([e["loss"] for e in log[:4]])
     # The merged checkpoint loads back and differs from the base model.

@@ -194,3 +194,12 @@ def test_obliviate_penalty_terms(pair):
     assert float(zero) < 1e-6
     assert float(regularize.param_penalty(regularize.Regularizer(l2=1.0), lo, regularize.anchor_tree(pre, pre, lo),
                                           full=False, alpha=4.0)) > 1.0
+
+
+def test_mask_bits_are_threefry():
+    from bdjax.defenses.mixing import mask_bits
+
+    for shape in [(7,), (3, 5), (64, 9, 4)]:
+        key = jax.random.key(len(shape))
+        np.testing.assert_array_equal(np.asarray(mask_bits(key, shape)),
+                                      np.asarray(jax.random.bits(key, shape, jnp.uint32)))

@@ -16,7 +16,8 @@ RECIPE = str(repo_root() / "recipes" / "quickstart.py")
 
 
 def _args(model, workdir):
-    return [f"--config.model={model}", f"--config.workdir={workdir}", "--config.data.n_train=64",
+    return [f"--config.model={model}", f"--config.workdir={workdir}", "--config.defense.after_training=False",
+            "--config.data.n_train=64",
             "--config.data.n_test=16", "--config.train.epochs=1", "--config.train.batch_size=16",
             "--config.train.warmup_steps=0", "--config.eval.base=False", "--config.eval.generate_examples=16",
             "--config.eval.max_new_tokens=2", "--config.checkpoint.every=2", "--config.train.peak_tflops=1"]

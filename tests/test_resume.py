@@ -20,6 +20,7 @@ RECIPE = str(repo_root() / "recipes" / "quickstart.py")
 
 def _args(model, workdir):
     return [f"--config={RECIPE}", f"--config.model={model}", f"--config.workdir={workdir}",
+            "--config.defense.after_training=False",
             "--config.data.n_train=256", "--config.data.n_test=16", "--config.train.epochs=2",
             "--config.eval.base=False", "--config.eval.generate=False", "--config.checkpoint.every=4",
             "--config.train.peak_tflops=1", "--config.export.merged=False"]

@@ -101,3 +101,16 @@ def test_full_retune_with_l2_moves_toward_the_pretrained_weights(params):
     free = defenses.retune(CONFIG, data, **common)(params, pretrained=pre, key=jax.random.key(0))
     pulled = defenses.retune(CONFIG, data, l2=1.0, **common)(params, pretrained=pre, key=jax.random.key(0))
     assert dist(pulled) < dist(free) - 1.0
+
+
+def test_osft_trains_on_triggered_inputs_with_their_true_answers(params):
+    data = _pieces(16, seed=4)
+    common = dict(pad_id=0, epochs=1, batch_size=8, rank=4)
+    plain = defenses.retune(CONFIG, data, **common).run(params, pretrained=params, key=jax.random.key(0))
+    osft = defenses.osft(CONFIG, data, (5, 6), **common).run(params, pretrained=params, key=jax.random.key(0))
+    # every example carries the 2-token trigger; the answer tokens (targets) are the same ones
+    assert sum(e["tokens"] for e in osft["log"]) == sum(e["tokens"] for e in plain["log"]) + 2 * 16
+    assert sum(e["answer_tokens"] for e in osft["log"]) == sum(e["answer_tokens"] for e in plain["log"])
+    half = defenses.osft(CONFIG, data, (5, 6), trigger_fraction=0.5, **common).run(params, pretrained=params,
+                                                                                   key=jax.random.key(0))
+    assert sum(e["tokens"] for e in half["log"]) == sum(e["tokens"] for e in plain["log"]) + 2 * 8

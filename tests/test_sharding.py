@@ -59,6 +59,7 @@ def _train_losses(workdir, devices: int, mesh: tuple[int, int, int], tiny_smol_d
 def _run(workdir, devices, mesh, tiny_smol_dir, extra):
     data, fsdp, tensor = mesh
     return run_cli(["--config=" + RECIPE, f"--config.model={tiny_smol_dir}", f"--config.workdir={workdir}",
+                    "--config.defense.after_training=False",
                     "--config.data.n_train=64", "--config.data.n_test=16", "--config.train.epochs=1",
                     "--config.train.batch_size=16", "--config.train.warmup_steps=0", "--config.eval.base=False",
                     "--config.eval.generate_examples=16", "--config.eval.max_new_tokens=2",
@@ -97,6 +98,7 @@ def test_meshes_of_8_devices_match_one_device(tmp_path, tiny_smol_dir):
 ])
 def test_bad_mesh_settings_fail_in_one_line(tmp_path, tiny_smol_dir, override, pattern):
     proc = run_cli(["--config=" + RECIPE, f"--config.model={tiny_smol_dir}", f"--config.workdir={tmp_path / 'r'}",
+                    "--config.defense.after_training=False",
                     override], devices=8)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and pattern in lines[0], proc.stderr[-2000:]

@@ -192,17 +192,11 @@ def tensor_path(config: ModelConfig, name: str) -> str | None:
     return "/".join((("layers",) if layer is not None else ()) + path)
 
 
-def tensor_to_ours(config: ModelConfig, name: str, w: np.ndarray) -> tuple[str, int | None, np.ndarray] | None:
-    """(params-tree path, layer index or None, the tensor in bdjax layout) for one HF tensor, or
-    None for a tensor that is not ours (see `tensor_path`)."""
+def tensor_codec(config: ModelConfig, name: str):
+    """(path, layer, to_ours, to_hf) for an HF tensor that is ours: the two layout conversions as
+    functions (numpy or jax arrays), or None (see `tensor_path`)."""
     tree_path = tensor_path(config, name)
     if tree_path is None:
         return None
     path, kind, layer = _parse(config, name)
-    return tree_path, layer, _to_ours(config, path, kind, w)
-
-
-def tensor_to_hf(config: ModelConfig, name: str, w: np.ndarray) -> np.ndarray:
-    """The inverse of `tensor_to_ours` for the same HF name."""
-    path, kind, _ = _parse(config, name)
-    return _to_hf(config, path, kind, w)
+    return (tree_path, layer, lambda w: _to_ours(config, path, kind, w), lambda w: _to_hf(config, path, kind, w))

@@ -18,9 +18,9 @@ import jax
 import numpy as np
 
 from bdjax.checkpoints.hf import INDEX, weight_files
-from bdjax.checkpoints.layout import tensor_path, tensor_to_hf, tensor_to_ours
+from bdjax.checkpoints.layout import tensor_codec, tensor_path
 from bdjax.checkpoints.tensorfile import TensorFile, write_stream
-from bdjax.defenses.base import Elementwise, TensorItem
+from bdjax.defenses.base import Elementwise, TensorItem, tensor_key
 from bdjax.errors import CheckpointError
 from bdjax.io import staged_dir
 from bdjax.models.config import ModelConfig
@@ -63,22 +63,30 @@ def stream_defense(transforms: Sequence[Elementwise], backdoored: str | Path, pr
     _check_pair(config, pre_config, bd, pre)
     keys = [jax.random.fold_in(key, i) for i in range(len(transforms))]
     names = [n for f in bd.files for n in f.keys()]
+    compiled: dict = {}
 
-    def ours(name: str):
-        return tensor_to_ours(config, name, bd[name]), tensor_to_ours(config, name, pre[name])
-
-    def cleaned(upto: int, name: str, mine, theirs) -> np.ndarray:
-        path, layer, x = mine
-        for t, k, st in zip(transforms[:upto], keys, stats):
-            x = t.apply_tensor(path, layer, x, theirs[2], k, st)
-        return np.asarray(x)
+    def pipeline(name: str, upto: int, to_file: bool):
+        """One jitted function per (tensor kind, depth): both layout conversions, the transforms
+        with their per-tensor keys, and the cast back to the file's dtype, fused by XLA."""
+        path, layer, to_ours, to_hf = tensor_codec(config, name)
+        cache_key = (path, upto, to_file)
+        if cache_key not in compiled:
+            def run(bd_hf, pre_hf, ks, sts, tag):
+                x, p = to_ours(bd_hf), to_ours(pre_hf)
+                for t, k, st in zip(transforms[:upto], ks, sts):
+                    if t.touches(path):
+                        x = t.fn(path, x, p, tensor_key(k, path, tag), st).astype(x.dtype)
+                return to_hf(x).astype(bd_hf.dtype) if to_file else (x, p)
+            compiled[cache_key] = jax.jit(run)
+        tag = np.uint32(0 if layer is None else layer + 1)
+        return lambda b, p: compiled[cache_key](b, p, keys[:upto], stats[:upto], tag)
 
     def tensors_after(upto: int) -> Iterator[TensorItem]:
         for name in names:
             path = tensor_path(config, name)
             if path is not None and transforms[upto].touches(path):  # stats see only what they act on
-                mine, theirs = ours(name)
-                yield mine[0], mine[1], cleaned(upto, name, mine, theirs), theirs[2]
+                x, p = pipeline(name, upto, False)(bd[name], pre[name])
+                yield path, tensor_codec(config, name)[1], np.asarray(x), np.asarray(p)
 
     stats: list = []
     for i, t in enumerate(transforms):
@@ -90,9 +98,7 @@ def stream_defense(transforms: Sequence[Elementwise], backdoored: str | Path, pr
             if path is None or not any(t.touches(path) for t in transforms):
                 yield f.read(name)  # byte-for-byte
             else:
-                mine, theirs = ours(name)
-                dtype = f.entries[name][0]
-                yield tensor_to_hf(config, name, cleaned(len(transforms), name, mine, theirs)).astype(dtype)
+                yield np.asarray(pipeline(name, len(transforms), True)(bd[name], pre[name]))
 
     with staged_dir(out) as tmp:
         for f in bd.files:

@@ -16,7 +16,7 @@ from bdjax.defenses.base import Chain, Elementwise, Transform, chain, masked
 from bdjax.defenses.mixing import fine_mix
 from bdjax.defenses.purify import purify_embeddings, token_counts
 from bdjax.defenses.registry import REGISTRY, Context, build
-from bdjax.defenses.retune import Retune, RetuneSettings, obliviate, retune
+from bdjax.defenses.retune import Retune, RetuneSettings, obliviate, osft, retune
 
 __all__ = ["REGISTRY", "Chain", "Context", "Elementwise", "Retune", "RetuneSettings", "Transform", "build", "chain",
-           "fine_mix", "frequency", "masked", "obliviate", "purify_embeddings", "retune", "token_counts"]
+           "fine_mix", "frequency", "masked", "obliviate", "osft", "purify_embeddings", "retune", "token_counts"]

@@ -110,14 +110,18 @@ class Elementwise:
         return out
 
 
+def tensor_key(key: jax.Array, path: str, tag) -> jax.Array:
+    """The key of one tensor: from its path and tag (layer + 1, or 0 for an unstacked tensor)."""
+    return jax.random.fold_in(jax.random.fold_in(key, zlib.crc32(path.encode())), tag)
+
+
 @functools.cache
 def _compiled(t: Elementwise, path: str, stacked: bool) -> Callable:
     """`t.fn` jitted for one tensor path (vmapped over layers when `stacked`): dispatching it op by
     op, layer by layer, costs more than the arithmetic. The tensor's key is derived inside, from
     its name and layer (tag = layer + 1, 0 for unstacked), the same in memory and streamed."""
     def one(bd, pre, key, stats, tag):
-        k = jax.random.fold_in(jax.random.fold_in(key, zlib.crc32(path.encode())), tag)
-        return t.fn(path, bd, pre, k, stats).astype(bd.dtype)
+        return t.fn(path, bd, pre, tensor_key(key, path, tag), stats).astype(bd.dtype)
     return jax.jit(jax.vmap(one, in_axes=(0, 0, None, None, 0)) if stacked else one)
 
 

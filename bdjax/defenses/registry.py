@@ -17,7 +17,7 @@ import numpy as np
 from bdjax.defenses.base import Chain, Transform, chain, masked
 from bdjax.defenses.mixing import fine_mix
 from bdjax.defenses.purify import purify_embeddings, token_counts
-from bdjax.defenses.retune import RetuneSettings, obliviate, retune
+from bdjax.defenses.retune import RetuneSettings, obliviate, osft, retune
 from bdjax.errors import ConfigError
 from bdjax.models.config import ModelConfig
 from bdjax.sharding import Placement
@@ -31,6 +31,7 @@ class Context:
     data: dict[str, np.ndarray]
     pad_id: int
     placement: Placement | None = None
+    tokenizer: Any = None  # for defenses given text (a known trigger)
 
     @functools.cached_property
     def counts(self) -> np.ndarray:
@@ -49,21 +50,33 @@ def _retune(ctx: Context, **kw) -> Transform:
     return retune(ctx.config, ctx.data, pad_id=ctx.pad_id, placement=ctx.placement, **kw)
 
 
+def _osft(ctx: Context, *, trigger: str, **kw) -> Transform:
+    from bdjax.data.tokenize import trigger_ids
+
+    if ctx.tokenizer is None:
+        raise ConfigError("osft takes its trigger as text and needs the model's tokenizer")
+    return osft(ctx.config, ctx.data, tuple(int(i) for i in trigger_ids(ctx.tokenizer, trigger)), pad_id=ctx.pad_id,
+                placement=ctx.placement, **kw)
+
+
 def _obliviate(ctx: Context, **kw) -> Transform:
     return obliviate(ctx.config, ctx.data, pad_id=ctx.pad_id, placement=ctx.placement, **kw)
 
 
-REGISTRY: dict[str, tuple[Callable[..., Transform], Callable]] = {
-    "fine_mix": (_mix, fine_mix),
-    "purify_embeddings": (_purify, purify_embeddings),
-    "retune": (_retune, RetuneSettings),
-    "obliviate": (_obliviate, RetuneSettings),
+def _names(fn: Callable) -> set[str]:
+    params = inspect.signature(fn).parameters
+    return {n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+
+_RETUNE = {f.name for f in dataclasses.fields(RetuneSettings)} - {"trigger", "trigger_location", "trigger_fraction"}
+# name -> (constructor from the context and settings, the settings a recipe may give)
+REGISTRY: dict[str, tuple[Callable[..., Transform], set[str]]] = {
+    "fine_mix": (_mix, _names(fine_mix)),
+    "purify_embeddings": (_purify, _names(purify_embeddings) - {"counts"}),
+    "retune": (_retune, _RETUNE),
+    "obliviate": (_obliviate, _RETUNE),
+    "osft": (_osft, _RETUNE | {"trigger", "trigger_location", "trigger_fraction"}),
 }
-
-
-def _allowed(signature_of: Callable) -> set[str]:
-    params = inspect.signature(signature_of).parameters
-    return {n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} - {"counts"}
 
 
 def _split(entry: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
@@ -72,7 +85,7 @@ def _split(entry: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
     if name not in REGISTRY:
         raise ConfigError(f"defense {name!r} is not in the registry; choose one of {sorted(REGISTRY)}")
     paths = {k: kw.pop(k) for k in ("include", "exclude") if k in kw}
-    allowed = _allowed(REGISTRY[name][1])
+    allowed = REGISTRY[name][1]
     unknown = sorted(set(kw) - allowed)
     if unknown:
         raise ConfigError(f"defense {name!r} has no setting(s) {unknown}; it takes {sorted(allowed)}")

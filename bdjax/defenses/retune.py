@@ -4,6 +4,10 @@
   fine-tuning (LoRA or every parameter) on clean downstream data; the backdoor fades as the
   clean task is re-learned.
 - With `l2 > 0`, a pull toward the pretrained weights (λ·Σ‖θ − θ_pre‖²).
+- OSFT (Li et al. 2024, "Simulate and Eliminate", arXiv 2405.07667, the known-trigger case): with
+  `trigger` token ids, the trigger is inserted (inside the jitted step, as the attack did) into a
+  `trigger_fraction` of the clean examples whose answers stay correct, so the model unlearns the
+  trigger → target mapping directly.
 - Obliviate (Kim et al. 2024, arXiv 2409.14119): LoRA re-tuning with −λ_amp·Σ‖θ_lora‖₂ (amplify the
   benign update) and +λ_attn·mean‖A_s‖₂ (spread the summarizing position's attention); the paper's
   defaults are λ_amp = 1e-3, λ_attn = 1e-2 (`obliviate()`).
@@ -22,6 +26,7 @@ from tqdm import tqdm
 
 from bdjax import lora as lora_lib
 from bdjax import train
+from bdjax.data import poison
 from bdjax.errors import ConfigError
 from bdjax.models.config import ModelConfig
 from bdjax.regularize import Regularizer, anchor_tree
@@ -47,8 +52,13 @@ class RetuneSettings:
     l2: float = 0.0
     amplify: float = 0.0
     attention: float = 0.0
+    trigger: tuple[int, ...] = ()  # OSFT: a known trigger's token ids
+    trigger_location: str = "random"
+    trigger_fraction: float = 1.0
 
     def __post_init__(self):
+        if not 0.0 < self.trigger_fraction <= 1.0:
+            raise ConfigError(f"retune trigger_fraction={self.trigger_fraction} must be in (0, 1]")
         if self.mode not in ("lora", "full"):
             raise ConfigError(f"retune mode={self.mode!r} must be lora or full")
         if self.epochs < 1 or self.batch_size < 1:
@@ -89,14 +99,21 @@ class Retune:
             trainable, frozen = lora_lib.init(params, k_lora, rank=s.rank, targets=s.targets), params
         reg = Regularizer(s.l2, s.amplify, s.attention)
         anchor = anchor_tree(pretrained, params, None if full else trainable) if reg.l2 else None
-        step_fn = train.make_train_step(self.config, optimizer, pad_id=self.pad_id, spec=None, poison_key=k_data,
+        data, spec = self.data, None
+        if s.trigger:  # OSFT: triggered inputs, answers untouched (clean-label insertion)
+            spec = poison.AttackSpec(tuple(s.trigger), 0, s.trigger_location, "clean")
+            chosen = np.zeros(n, bool)
+            chosen[np.asarray(jax.random.permutation(k_data, n))[:max(1, round(s.trigger_fraction * n))]] = True
+            data = {**data, "poison": chosen}
+        step_fn = train.make_train_step(self.config, optimizer, pad_id=self.pad_id, spec=spec, poison_key=k_data,
                                         alpha=s.alpha, dropout=s.dropout, remat=s.remat, placement=placement,
                                         trainable=trainable, params=frozen, full=full, reg=reg, anchor=anchor)
         state = step_fn.init_state(trainable, k_train)
         seed = int(jax.random.randint(k_data, (), 0, 2**31 - 1))
         with tqdm(total=steps, desc=self.name, disable=jax.process_index() != 0) as bar:
-            state, log = train.fit(step_fn, state, frozen, self.data, batch_size=s.batch_size, epochs=s.epochs,
-                                   seed=seed, after_step=lambda *_: bar.update(1))
+            state, log = train.fit(step_fn, state, frozen, data, batch_size=s.batch_size, epochs=s.epochs,
+                                   seed=seed, extra_tokens=spec.n_tokens if spec else 0,
+                                   after_step=lambda *_: bar.update(1))
         tuned = state.trainable if full else lora_lib.merge(params, state.trainable, alpha=s.alpha)
         return {"params": tuned, "log": log, "steps": steps}
 
@@ -105,6 +122,16 @@ def retune(config: ModelConfig, data: dict[str, np.ndarray], *, pad_id: int, pla
            **settings) -> Retune:
     """Clean re-tuning on `data` (optionally with `l2`, `amplify`, `attention` terms)."""
     return Retune(config, data, pad_id, RetuneSettings(**settings), placement)
+
+
+def osft(config: ModelConfig, data: dict[str, np.ndarray], trigger: tuple[int, ...], *, pad_id: int,
+         placement: Placement | None = None, **settings) -> Retune:
+    """OSFT: re-tuning on clean examples carrying the known `trigger` (token ids) with their true
+    answers."""
+    if not trigger:
+        raise ConfigError("osft needs the trigger's token ids (a known-trigger defense)")
+    return Retune(config, data, pad_id, RetuneSettings(trigger=tuple(int(t) for t in trigger), **settings), placement,
+                  name="osft")
 
 
 def obliviate(config: ModelConfig, data: dict[str, np.ndarray], *, pad_id: int, placement: Placement | None = None,

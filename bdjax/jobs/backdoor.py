@@ -163,7 +163,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     poison.poison_count(p.rate, 1)
     poison.check_settings(p.location, p.label_mode)
     train_mode(config)
-    if dict(config.get("defense", {}).get("chains", {})):
+    if _defends(config):
         from bdjax.jobs import defend
         defend.check_config(config)
 
@@ -239,7 +239,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     l, t = config.lora, config.train
 
     export(config, run_, s.model.config, s.tok)
-    defense_rows = defend_run(config) if dict(config.get("defense", {}).get("chains", {})) else []
+    defense_rows = defend_run(config) if _defends(config) else []
     placement = s.placement
     summary = {"train_seconds": run_["seconds"], "train_steps": run_["steps"], "resumed_at_step": run_["resumed_at"],
                "poisoned_examples": count, "train_examples": n, "test_examples": int(len(s.test_set["label"])),
@@ -267,6 +267,11 @@ def run(config: ml_collections.ConfigDict) -> dict:
                               + table)
         print("\n" + (out / "report.md").read_text())
     return {"rows": rows, "summary": summary, "defenses": defense_rows}
+
+
+def _defends(config: ml_collections.ConfigDict) -> bool:
+    d = config.get("defense") or {}
+    return bool(d.get("after_training", False) and dict(d.get("chains", {})))
 
 
 def defend_run(config: ml_collections.ConfigDict) -> list[dict]:

@@ -15,6 +15,7 @@ files when both are HF directories (`defense.stream`). Bad input fails before an
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -93,6 +94,12 @@ def defense_set(config: ml_collections.ConfigDict, template, tok) -> dict[str, n
                     max_text_tokens=d.max_text_tokens)
 
 
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
     chains = dict(config.defense.chains)
     if not chains:
@@ -112,7 +119,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     max_len = config.data.get("max_seq_len", 0) or model_config.max_position_embeddings
     test_set = fit_to_length(test_set, max_len, spec.n_tokens, policy=config.poison.get("overflow", "error"),
                              what="test set")
-    ctx = registry.Context(model_config, defense_set(config, template, tok), tok.pad_id, placement)
+    ctx = registry.Context(model_config, defense_set(config, template, tok), tok.pad_id, placement, tok)
     chains = {name: [dict(e) for e in entries] for name, entries in dict(config.defense.chains).items()}
     built = {name: registry.build(entries, ctx) for name, entries in chains.items()}  # errors before any output
     attack = config.get("attack_name") or str(config.backdoored)
@@ -132,11 +139,15 @@ def run(config: ml_collections.ConfigDict) -> dict:
     for name, chain in built.items():
         begin = time.perf_counter()
         target = out / "cleaned" / name
-        if ex.export and ex.stream and chain.elementwise and bd_dir is not None and pre_dir is not None:
+        if ex.stream and chain.elementwise and bd_dir is not None and pre_dir is not None:
             from bdjax.checkpoints.stream import stream_defense
             if is_main():
                 stream_defense(chain.transforms, bd_dir, pre_dir, target, jax.random.fold_in(key, 0))
+            _barrier(f"streamed {name}")  # every process reads what process 0 wrote
             _, cleaned, _ = load_checkpoint(target, with_tokenizer=False)
+            _barrier(f"loaded {name}")
+            if not ex.export and is_main():
+                shutil.rmtree(target)
             how = "streamed"
         else:
             cleaned = as_numpy(chain(bd_params, pretrained=pre_params, key=jax.random.fold_in(key, 0)))

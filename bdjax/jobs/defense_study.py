@@ -62,6 +62,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
         attack_dir = out / "attacks" / name
         attack_cfg = with_overrides(config, overrides, job="backdoor", workdir=str(attack_dir))
         attack_cfg.eval.base = i == 0
+        attack_cfg.defense.after_training = False  # the study runs the defenses itself
         if not (attack_dir / "final" / "config.json").exists():
             backdoor.run(attack_cfg)
         label = f"{name}: " + ", ".join(f"{k}={v}" for k, v in overrides.items())

@@ -27,7 +27,7 @@ def get_config():
     # name -> ((dotted recipe key, value), ...) applied to the quickstart attack
     c.study.attacks = {
         "lora": (("train.mode", "lora"),),
-        "full": (("train.mode", "full"), ("train.lr", 1e-4), ("train.epochs", 1)),  # every parameter
+        "full": (("train.mode", "full"), ("train.lr", 1e-4)),  # every parameter, embeddings included
     }
     c.defense.chains = {
         "mix_retune": ({"name": "fine_mix", "keep": 0.6, "mode": "selected"}, {"name": "retune", **RETUNE}),

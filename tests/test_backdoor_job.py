@@ -70,8 +70,9 @@ def test_small_run_writes_results_report_and_a_loadable_checkpoint(tmp_path, cap
     assert results["summary"]["poisoned_examples"] == 24
     assert "| base (zero-shot) |" in (workdir / "report.md").read_text()
     defended = [r for r in results["defenses"] if r["variant"] == "clean" and r["domain"] == "movie"]
-    assert [r["defense"] for r in defended] == ["none (backdoored)", "mix_retune"] and defended[1]["how"] == "streamed"
-    assert defended[0]["cacc"] == results["rows"][3]["cacc"]  # the same model measured twice
+    # the backdoored model is the run's own row above; only the chain is measured again
+    assert [r["defense"] for r in defended] == ["mix_retune"] and defended[0]["how"] == "streamed"
+    assert 0.0 <= defended[0]["cacc"] <= 1.0 and defended[0]["attack"] == "this run"
     assert "## Defenses against this backdoor" in (workdir / "report.md").read_text()
     log = [json.loads(l) for l in (workdir / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 12 and np.mean([e["loss"] for e in log[-4:]]) < np.mean([e["loss"] for e in log[:4]])

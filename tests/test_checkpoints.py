@@ -135,3 +135,18 @@ def test_tensorfile_reads_what_safetensors_writes(tmp_path):
     tf = TensorFile(tmp_path / "x.safetensors")
     for k, v in arrays.items():
         assert np.array_equal(tf.tensor(k), v) and tf.tensor(k).dtype == v.dtype
+
+
+def test_plain_reads_equal_the_memory_map_for_every_dtype(tmp_path):
+    import ml_dtypes
+
+    from bdjax.checkpoints.tensorfile import TensorFile, write_file
+
+    arrays = {"bf16": (np.arange(12).reshape(3, 4) / 7).astype(ml_dtypes.bfloat16),
+              "f32": np.linspace(-1, 1, 10, dtype=np.float32), "i8": np.arange(-4, 4, dtype=np.int8),
+              "empty": np.zeros((0, 3), np.float16)}
+    write_file(tmp_path / "m.safetensors", list(arrays.items()))
+    f = TensorFile(tmp_path / "m.safetensors")
+    for name, a in arrays.items():
+        got = f.read(name)
+        assert got.dtype == a.dtype and np.array_equal(got, a) and np.array_equal(f.tensor(name), a)

@@ -79,7 +79,7 @@ class TensorFile:
         out = np.empty(shape, dtype)
         with open(self.path, "rb") as f:
             f.seek(self._start + begin)
-            if f.readinto(memoryview(out).cast("B")) != end - begin:
+            if f.readinto(out.reshape(-1).view(np.uint8)) != end - begin:
                 raise CheckpointError(f"{self.path} is truncated inside tensor {name!r}")
         return out
 
@@ -121,7 +121,7 @@ def write_stream(path: str | Path, entries: list[tuple[str, np.dtype, tuple[int,
             if arr.dtype != np.dtype(dtype) or tuple(arr.shape) != tuple(shape):
                 raise CheckpointError(f"tensor {name!r} came out as {arr.dtype}{tuple(arr.shape)}, "
                                       f"not the announced {np.dtype(dtype)}{tuple(shape)}")
-            f.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
+            f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))  # bytes of any dtype (bf16 too)
 
 
 def iter_files(files: Iterable[Path]) -> Iterator[tuple[str, np.ndarray]]:

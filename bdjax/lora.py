@@ -57,6 +57,11 @@ def set_path(tree: Params, path: str, value: Any) -> None:
     tree[keys[-1]] = value
 
 
+def leaves_with_paths(tree: Params) -> list[tuple[str, Any]]:
+    """("a/b/c", leaf) for every leaf of a nested dict, in tree order."""
+    return [("/".join(k.key for k in kp), leaf) for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
 def get_path(tree: Params, path: str) -> Any:
     for k in path.split("/"):
         tree = tree[k]
@@ -134,9 +139,7 @@ def num_params(lora: Params) -> int:
 def kernel_axes(tree: Params, base_axes: Params) -> Params:
     """Logical axes of a tree keyed by projection path whose leaves are kernel-shaped (e.g. a
     regularizer's per-kernel anchor), from the base kernels' axes."""
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     out: Params = {}
-    for keypath, _ in flat:
-        path = "/".join(k.key for k in keypath)
+    for path, _ in leaves_with_paths(tree):
         set_path(out, path, get_path(base_axes, path + "/kernel"))
     return out

@@ -100,30 +100,27 @@ def answer_nll(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tup
 
 
 def row_nll(config: ModelConfig, params: Params, lora: Params, rows: dict[str, jax.Array], opts: Opts,
-            remat: str, rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """Summed next-token cross-entropy over answer tokens, and the number of answer tokens."""
+            remat: str, rng: jax.Array | None, *,
+            attention: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Summed next-token cross-entropy over answer tokens, the number of answer tokens and, with
+    `attention`, the summed (over real rows) attention concentration of the summarizing position —
+    the last prompt token, whose logits predict the answer's first token (else 0)."""
     positions, mask = causal_rows(config, rows["valid"])
-    logits = apply_rows(config, params, rows["tokens"], positions, mask, logits_at=rows["logits_at"], lora=lora,
-                        opts=opts, remat=remat, rngs=None if rng is None else {"dropout": rng})
-    return answer_nll(logits, rows["targets"], rows["weights"])
-
-
-def row_nll_attention(config: ModelConfig, params: Params, lora: Params, rows: dict[str, jax.Array], opts: Opts,
-                      remat: str, rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """Summed answer cross-entropy and the summed (over real rows) attention concentration of the
-    summarizing position — the last prompt token, whose logits predict the answer's first token."""
-    positions, mask = causal_rows(config, rows["valid"])
-    logits, conc = apply_rows(config, params, rows["tokens"], positions, mask, logits_at=rows["logits_at"],
-                              lora=lora, opts=opts, remat=remat, rngs=None if rng is None else {"dropout": rng},
-                              summary_at=rows["logits_at"][:, 0])
+    out = apply_rows(config, params, rows["tokens"], positions, mask, logits_at=rows["logits_at"], lora=lora,
+                     opts=opts, remat=remat, rngs=None if rng is None else {"dropout": rng},
+                     summary_at=rows["logits_at"][:, 0] if attention else None)
+    logits, conc = out if attention else (out, None)
+    total, count = answer_nll(logits, rows["targets"], rows["weights"])
+    if not attention:
+        return total, count, jnp.zeros((), jnp.float32)
     real = (rows["weights"].sum(axis=1) > 0).astype(jnp.float32)
-    return answer_nll(logits, rows["targets"], rows["weights"])[0], (conc.mean(axis=0) * real).sum()
+    return total, count, (conc.mean(axis=0) * real).sum()
 
 
 def row_loss(config: ModelConfig, params: Params, lora: Params, rows: dict[str, jax.Array], opts: Opts,
              remat: str, rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """Mean next-token cross-entropy over answer tokens, and the number of answer tokens."""
-    total, count = row_nll(config, params, lora, rows, opts, remat, rng)
+    total, count, _ = row_nll(config, params, lora, rows, opts, remat, rng)
     return total / jnp.maximum(count, 1.0), count
 
 
@@ -166,16 +163,16 @@ def train_step(s: StepSpec, state: TrainState, params: Params, batch: dict[str, 
     attention = reg is not None and reg.attention > 0
     # Both normalizers depend on the data only, so every microbatch's gradient is already scaled
     # for the whole batch and the accumulated sum is the exact gradient of the batch loss.
-    denom = jnp.maximum(rows["weights"].sum(), 1.0)
+    count = rows["weights"].sum()
+    denom = jnp.maximum(count, 1.0)
     n_rows = jnp.maximum((rows["weights"].sum(axis=1) > 0).sum().astype(jnp.float32), 1.0)
 
     def grads_of(rows, key):
         drop = None if s.dropout == 0 else key
-        nll = row_nll_attention if attention else row_nll
 
         def f(trainable):
             p, lo = (trainable, None) if s.full else (params, trainable)
-            total, aux = nll(s.config, p, lo, rows, opts, s.remat, drop)
+            total, _, aux = row_nll(s.config, p, lo, rows, opts, s.remat, drop, attention=attention)
             loss = total / denom + (reg.attention * aux / n_rows if attention else 0.0)
             return loss, (total, aux)
         (_, (total, aux)), g = jax.value_and_grad(f, has_aux=True)(state.trainable)
@@ -191,7 +188,6 @@ def train_step(s: StepSpec, state: TrainState, params: Params, batch: dict[str, 
         zero = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.trainable))
         keys = jax.random.split(drop_rng, s.grad_accum)
         (total, aux, grads), _ = jax.lax.scan(body, zero, (_microbatches(rows, s.grad_accum), keys))
-    count = rows["weights"].sum()
     extra = {}
     if reg is not None:
         pen = lambda t: param_penalty(reg, t, anchor, full=s.full, alpha=s.alpha)
@@ -237,11 +233,12 @@ class TrainStep:
         self.poison_key = placement.put_replicated(np.asarray(jax.random.key_data(poison_key)))
         self.state_sh = state_shardings(placement, s, trainable)
         self.param_sh = param_shardings(placement, s.config, params)
-        # the L2 reference lives beside what it anchors: shaped like the trained tree
-        self.anchor_sh = self.state_sh.trainable if anchor is not None and s.full else (
-            placement.tree_shardings(anchor, lora_lib.kernel_axes(anchor, logical_axes(s.config)))
-            if anchor is not None else None)
-        self.anchor = None if anchor is None else placement.put(jax.device_get(anchor), self.anchor_sh)
+        # the L2 reference lives beside what it anchors: the params (full) or the LoRA-targeted kernels
+        self.anchor_sh = self.anchor = None
+        if anchor is not None:
+            self.anchor_sh = self.state_sh.trainable if s.full else placement.tree_shardings(
+                anchor, lora_lib.kernel_axes(anchor, logical_axes(s.config)))
+            self.anchor = placement.put(jax.device_get(anchor), self.anchor_sh)
         self._compiled: dict[int, Callable] = {}
 
     def jitted(self, width: int) -> Callable:

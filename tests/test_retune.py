@@ -85,7 +85,7 @@ def test_retune_is_deterministic_and_leaves_its_inputs_alone(params):
     t = defenses.obliviate(CONFIG, data, pad_id=0, epochs=1, batch_size=8, rank=4)
     a = t(params, pretrained=params, key=jax.random.key(7))
     b = t(params, pretrained=params, key=jax.random.key(7))
-    for x, y, z in zip(jax.tree.leaves(a), jax.tree.leaves(b), jax.tree.leaves(params)):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert any(not np.array_equal(np.asarray(x), z) for x, z in zip(jax.tree.leaves(a), jax.tree.leaves(params)))
     for x, z in zip(jax.tree.leaves(params), jax.tree.leaves(before)):

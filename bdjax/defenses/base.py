@@ -6,7 +6,7 @@ by a path regex (`masked`). They never read globals or files and never modify th
 Elementwise transforms (`Elementwise`: fine-mixing, embedding purification) map each *tensor* on
 its own — one weight matrix of one layer — given the backdoored and the pretrained tensor, a key
 derived from the tensor's name, and optional statistics gathered in passes over all tensors
-beforehand. That shape is what lets `bdjax.defenses.stream` clean a checkpoint file tensor by
+beforehand. That shape is what lets `bdjax.checkpoints.stream` clean a checkpoint file tensor by
 tensor with peak memory independent of the model's size, with the same result as the in-memory
 transform. Paths name tensors as in the params tree ("embedding", "layers/attn/q/kernel", ...);
 a stacked per-layer leaf holds one tensor per layer.
@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bdjax.errors import CheckpointError, ConfigError
+from bdjax.lora import leaves_with_paths, set_path
 
 Params = dict[str, Any]
 # (path, layer index or None, backdoored tensor, pretrained tensor)
@@ -34,10 +35,6 @@ TensorItem = tuple[str, int | None, Any, Any]
 
 class Transform(Protocol):
     def __call__(self, params: Params, *, pretrained: Params, key: jax.Array) -> Params: ...
-
-
-def leaves_with_paths(tree: Params) -> list[tuple[str, Any]]:
-    return [("/".join(k.key for k in kp), leaf) for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def check_compatible(params: Params, pretrained: Params) -> None:
@@ -87,12 +84,6 @@ class Elementwise:
             return None
         return self.stats(lambda: (t for t in tensors() if self.touches(t[0])))
 
-    def apply_tensor(self, path: str, layer: int | None, bd, pre, key: jax.Array, stats: Any) -> jax.Array:
-        if not self.touches(path):
-            return jnp.asarray(bd)
-        return _compiled(self, path, False)(jnp.asarray(bd), jnp.asarray(pre), key, stats,
-                                            jnp.uint32(0 if layer is None else layer + 1))
-
     def __call__(self, params: Params, *, pretrained: Params, key: jax.Array) -> Params:
         check_compatible(params, pretrained)
         stats = self.gather(lambda: iter_tensors(params, pretrained))
@@ -105,8 +96,8 @@ class Elementwise:
                 tags = jnp.arange(1, x.shape[0] + 1, dtype=jnp.uint32)
                 new = _compiled(self, path, True)(jnp.asarray(x), jnp.asarray(pre[path]), key, stats, tags)
             else:
-                new = self.apply_tensor(path, None, x, pre[path], key, stats)
-            _set(out, path, new)
+                new = _compiled(self, path, False)(jnp.asarray(x), jnp.asarray(pre[path]), key, stats, jnp.uint32(0))
+            set_path(out, path, new)
         return out
 
 
@@ -123,13 +114,6 @@ def _compiled(t: Elementwise, path: str, stacked: bool) -> Callable:
     def one(bd, pre, key, stats, tag):
         return t.fn(path, bd, pre, tensor_key(key, path, tag), stats).astype(bd.dtype)
     return jax.jit(jax.vmap(one, in_axes=(0, 0, None, None, 0)) if stacked else one)
-
-
-def _set(tree: Params, path: str, value: Any) -> None:
-    keys = path.split("/")
-    for k in keys[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[keys[-1]] = value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +161,7 @@ def masked(transform: Transform, include: str = ".*", exclude: str | None = None
         new = dict(leaves_with_paths(transform(params, pretrained=pretrained, key=key)))
         out: Params = {}
         for path, x in leaves_with_paths(params):
-            _set(out, path, new[path] if keep(path) else x)
+            set_path(out, path, new[path] if keep(path) else x)
         return out
     return apply
 

@@ -41,7 +41,8 @@ def template_from(config: ml_collections.ConfigDict) -> Template:
                     t.get("system"), t.get("chat", True))
 
 
-def _examples(config, source: str, template: Template):
+def domain_examples(config, source: str, template: Template):
+    """(train pool, test pool) of a data source under the recipe's split, its labels checked."""
     d = config.data
     examples = sources.load(source, text_field=d.text_field, label_field=d.label_field)
     unknown = sorted({e.label for e in examples} - set(template.labels))
@@ -54,7 +55,7 @@ def _examples(config, source: str, template: Template):
 def load_data(config, template: Template, tokenizer):
     """Tokenized (train, test) sets from the recipe's data section."""
     d = config.data
-    train_pool, test_pool = _examples(config, d.source, template)
+    train_pool, test_pool = domain_examples(config, d.source, template)
     train_ex = sources.take(train_pool, d.n_train, seed=d.split_seed)
     test_ex = sources.take(test_pool, d.n_test, seed=d.split_seed, labels=template.labels, balanced=True)
     if not train_ex or not test_ex:
@@ -67,7 +68,7 @@ def transfer_sets(config, template: Template, tokenizer) -> dict[str, dict[str, 
     """Held-out test sets of the other domains in `eval.domains` (same template, same split rule)."""
     out = {}
     for source in config.eval.get("domains", ()):
-        _, pool = _examples(config, source, template)
+        _, pool = domain_examples(config, source, template)
         ex = sources.take(pool, config.data.n_test, seed=config.data.split_seed, labels=template.labels,
                           balanced=True)
         if not ex:

@@ -23,7 +23,6 @@ import jax
 import ml_collections
 import numpy as np
 
-import bdjax
 from bdjax import plots
 from bdjax.checkpoints import NAMED, load_checkpoint, save_hf_dir
 from bdjax.checkpoints.peft import load_peft_adapter
@@ -32,7 +31,7 @@ from bdjax.data.tokenize import fit_to_length, tokenize
 from bdjax.defenses import registry
 from bdjax.defenses.base import as_numpy, check_compatible
 from bdjax.errors import CheckpointError, ConfigError
-from bdjax.jobs.backdoor import _examples, attack_spec, load_data, measure, template_from
+from bdjax.jobs.backdoor import attack_spec, domain_examples, load_data, measure, template_from
 from bdjax.jobs.training import is_main, placement_from
 from bdjax.lora import merge
 from bdjax.report import write as write_report
@@ -67,14 +66,11 @@ def load_pair(config: ml_collections.ConfigDict):
     bd_path, adapter = resolve(config.backdoored)
     if adapter is not None:
         lora, alpha = load_peft_adapter(adapter, pre_config)
-        bd_config, bd_params = pre_config, as_numpy(merge(pre_params, lora, alpha=alpha))
+        bd_params = as_numpy(merge(pre_params, lora, alpha=alpha))
     else:
-        bd_config, bd_params, bd_tok = load_checkpoint(bd_path)
+        _, bd_params, bd_tok = load_checkpoint(bd_path)
         tok = tok or bd_tok
-    if bd_config.vocab_size != pre_config.vocab_size:
-        raise CheckpointError(f"vocabulary mismatch: the backdoored checkpoint has {bd_config.vocab_size} tokens, the "
-                              f"pretrained one {pre_config.vocab_size}; defenses need the same tokenizer")
-    check_compatible(bd_params, pre_params)
+    check_compatible(bd_params, pre_params)  # architecture and vocabulary
     if tok is None:
         raise ConfigError("neither checkpoint has a tokenizer; the defend job needs one for data and evaluation")
     hf = lambda p: p if p is not None and p.is_dir() else None
@@ -84,7 +80,7 @@ def load_pair(config: ml_collections.ConfigDict):
 def defense_set(config: ml_collections.ConfigDict, template, tok) -> dict[str, np.ndarray]:
     """`defense.n_clean` clean examples from the training pool, disjoint from the attack's draw."""
     d, n = config.data, config.defense.n_clean
-    pool, _ = _examples(config, d.source, template)
+    pool, _ = domain_examples(config, d.source, template)
     used = {id(e) for e in sources.take(pool, d.n_train, seed=d.split_seed)}
     rest = [e for e in pool if id(e) not in used]
     if n < 1 or n > len(rest):

@@ -142,8 +142,9 @@ class StepSpec:
     dtype: Any = jnp.float32
     remat: str = "none"
     grad_accum: int = 1
-    full: bool = False  # train every parameter (no LoRA)
+    full: bool = False  # train the params themselves (all, or a subset over a frozen rest), not a LoRA
     reg: Regularizer | None = None  # extra loss terms (re-tuning defenses)
+    answer_tokens: int = 0  # the loss covers the first this many answer tokens (0: all)
 
 
 def train_step(s: StepSpec, state: TrainState, params: Params, batch: dict[str, jax.Array],
@@ -156,7 +157,7 @@ def train_step(s: StepSpec, state: TrainState, params: Params, batch: dict[str, 
     opts = Opts(dtype=s.dtype, lora_alpha=s.alpha, lora_dropout=s.dropout, deterministic=s.dropout == 0.0)
     if s.spec is not None:
         batch = poison.apply(batch, s.spec, jax.random.wrap_key_data(poison_key_data))
-    rows = assemble.training_rows(batch, width, s.pad_id)
+    rows = assemble.training_rows(batch, width, s.pad_id, answer_tokens=s.answer_tokens)
     rng, drop_rng = jax.random.split(state.rng)
 
     reg = s.reg if s.reg is not None and s.reg.active else None
@@ -171,7 +172,8 @@ def train_step(s: StepSpec, state: TrainState, params: Params, batch: dict[str, 
         drop = None if s.dropout == 0 else key
 
         def f(trainable):
-            p, lo = (trainable, None) if s.full else (params, trainable)
+            # full: the trained tree over the frozen rest (e.g. a soft prompt, trained or frozen)
+            p, lo = ({**params, **trainable}, None) if s.full else (params, trainable)
             total, _, aux = row_nll(s.config, p, lo, rows, opts, s.remat, drop, attention=attention)
             loss = total / denom + (reg.attention * aux / n_rows if attention else 0.0)
             return loss, (total, aux)
@@ -207,8 +209,8 @@ def train_step(s: StepSpec, state: TrainState, params: Params, batch: dict[str, 
 def state_shardings(placement: Placement, s: StepSpec, trainable: Params) -> TrainState:
     """Shardings of the train state: the trained tree by its logical axes (LoRA's from the base
     kernels'), optimizer moments like the leaves they track, counters and the PRNG key replicated."""
-    base_axes = logical_axes(s.config)
-    axes = base_axes if s.full else lora_lib.logical_axes(trainable, base_axes)
+    axes = (logical_axes(s.config, like=trainable) if s.full
+            else lora_lib.logical_axes(trainable, logical_axes(s.config)))
     tree_sh = placement.tree_shardings(trainable, axes)
     opt_shapes = jax.eval_shape(s.optimizer.init, trainable)
     opt_sh = optax.tree_map_params(s.optimizer, lambda _, sh: sh, opt_shapes, tree_sh,
@@ -218,7 +220,7 @@ def state_shardings(placement: Placement, s: StepSpec, trainable: Params) -> Tra
 
 def param_shardings(placement: Placement, config: ModelConfig, params: Params) -> Params:
     """Shardings of a params tree (or of nothing: {} stays {}, the frozen base of full fine-tuning)."""
-    return placement.tree_shardings(params, logical_axes(config)) if params else {}
+    return placement.tree_shardings(params, logical_axes(config, like=params)) if params else {}
 
 
 class TrainStep:
@@ -276,14 +278,19 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
                     spec: poison.AttackSpec | None, poison_key: jax.Array, alpha: float, dropout: float = 0.0,
                     dtype: Any = jnp.float32, remat: str = "none", grad_accum: int = 1,
                     placement: Placement | None = None, trainable: Params, params: Params,
-                    full: bool = False, reg: Regularizer | None = None, anchor: Params | None = None) -> TrainStep:
+                    full: bool = False, reg: Regularizer | None = None, anchor: Params | None = None,
+                    answer_tokens: int = 0) -> TrainStep:
     """The train step over `placement` (default: data parallelism over every device). `trainable`
     (the LoRA tree, or with `full` the params themselves) and `params` (the frozen base; {} with
-    `full`), as arrays or ShapeDtypeStructs, fix the state and parameter shardings. `reg` adds loss
-    terms; its L2 term needs `anchor` (`bdjax.regularize.anchor_tree`)."""
+    `full`, or the rest of the params when `trainable` is a subset of them), as arrays or
+    ShapeDtypeStructs, fix the state and parameter shardings. `reg` adds loss terms; its L2 term
+    needs `anchor` (`bdjax.regularize.anchor_tree`). `answer_tokens` > 0 limits the loss to the
+    first tokens of each answer."""
     if reg is not None and reg.l2 and anchor is None:
         raise ConfigError("the l2 regularizer needs the pretrained params as its anchor")
-    s = StepSpec(config, optimizer, pad_id, spec, alpha, dropout, dtype, remat, grad_accum, full, reg)
+    if answer_tokens < 0:
+        raise ConfigError(f"answer_tokens={answer_tokens} must be >= 0 (0: the whole answer)")
+    s = StepSpec(config, optimizer, pad_id, spec, alpha, dropout, dtype, remat, grad_accum, full, reg, answer_tokens)
     return TrainStep(s, placement or Placement.create(), poison_key, trainable, params,
                      anchor if reg is not None and reg.l2 else None)
 

@@ -1,6 +1,6 @@
 """The defense study on SmolLM2-135M-Instruct: a LoRA and a full fine-tuning rare-word backdoor
-(the quickstart's attack), each attacked by every defense chain; word-frequency detection on
-each poisoned training set.
+(the quickstart's attack) and a generative backdoor (recipes/generative.py), each attacked by every
+defense chain that applies; word-frequency detection on each poisoned classification training set.
 
     bdjax --config=recipes/defense_study.py
 
@@ -12,6 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from defend import RETUNE, get_config as defend  # noqa: E402
+from defend_generative import PARROT, RETUNE as GEN_RETUNE  # noqa: E402
+from generative import get_config as generative  # noqa: E402
 
 import ml_collections  # noqa: E402
 
@@ -28,7 +30,11 @@ def get_config():
     c.study.attacks = {
         "lora": (("train.mode", "lora"),),
         "full": (("train.mode", "full"), ("train.lr", 1e-4)),  # every parameter, embeddings included
+        "generative": (("recipe", "generative"),),  # the marker backdoor, from study.recipes
     }
+    gen = generative()
+    gen.defense.n_clean = 40  # 10% of its 400 training examples
+    c.study.recipes = {"generative": gen}
     c.defense.chains = {
         "mix_retune": ({"name": "fine_mix", "keep": 0.6, "mode": "selected"}, {"name": "retune", **RETUNE}),
         "epur": ({"name": "purify_embeddings", "top_k": 200, "floor": 20.0},),
@@ -36,9 +42,15 @@ def get_config():
         "retune": ({"name": "retune", **RETUNE},),
         "obliviate": ({"name": "obliviate", **RETUNE, "amplify": 1e-3, "attention": 1e-2},),
         "osft": ({"name": "osft", "trigger": "cf", **RETUNE},),
+        "sande": ({"name": "sande", "target": "positive", **PARROT, **RETUNE},),  # knows the target, not the trigger
+        "osft_marker": ({"name": "osft", "trigger": "cf", **GEN_RETUNE},),
+        "sande_marker": ({"name": "sande", "target": "marked", **PARROT, **GEN_RETUNE},),
     }
-    # E-PUR needs an attack that moved the embeddings
-    c.study.only = {"epur": ("full",), "epur_retune": ("full",)}
+    # E-PUR needs an attack that moved the embeddings; the *_marker chains are the generative ones
+    classification = ("lora", "full")
+    c.study.only = {"epur": ("full",), "epur_retune": ("full",), "mix_retune": classification,
+                    "obliviate": classification, "osft": classification, "sande": classification,
+                    "osft_marker": ("generative",), "sande_marker": ("generative",)}
     c.study.detect = True
     c.study.detect_settings = ml_collections.ConfigDict(
         {"top_k": 5, "min_count": 5, "smoothing": 1.0, "mode": "drop", "any_label": False, "fine_tune": False})

@@ -86,3 +86,33 @@ def test_defend_run_writes_cleaned_checkpoints_and_report(tmp_path, tiny_smol_di
     b, p = bd["layers"]["mlp"]["up"]["kernel"], pre["layers"]["mlp"]["up"]["kernel"]
     assert np.all((k == b) | (k == p)) and 0.4 < np.mean(k == b) < 0.6
     assert (workdir / "cleaned" / "mix_retune" / "config.json").exists()
+
+
+def test_defend_a_generative_backdoor_reports_marker_rates(tmp_path, tiny_smol_dir, backdoored_dir):
+    from bdjax.jobs import defend
+    from bdjax.main import parse_all
+
+    recipe = str(repo_root() / "recipes" / "defend_generative.py")
+    workdir = tmp_path / "run"
+    config, _, _ = parse_all([f"--config={recipe}", f"--config.pretrained={tiny_smol_dir}",
+                              f"--config.backdoored={backdoored_dir}", f"--config.workdir={workdir}",
+                              "--config.data.n_train=32", "--config.data.n_test=8", "--config.defense.n_clean=8",
+                              "--config.data.max_response_tokens=4", "--config.eval.max_new_tokens=4",
+                              "--config.eval.base=False"])
+    fast = dict(epochs=1, batch_size=8, remat="none")
+    config.defense.chains = {
+        "osft": ({"name": "osft", "trigger": "cf", **fast},),
+        "sande": ({"name": "sande", "target": "marked", "parrot_epochs": 2, "parrot_tokens": 2, **fast},),
+    }
+    out = defend.run(config)
+    assert [r["defense"] for r in out["rows"]] == ["none (backdoored)", "osft", "sande"]
+    for r in out["rows"]:
+        assert 0.0 <= r["marker_rate"] <= 1.0 and 0.0 <= r["marker_rate_clean"] <= 1.0 and r["ppl"] > 1.0
+    assert (workdir / "marker_vs_ppl.png").stat().st_size > 0
+    assert "marker_rate" in (workdir / "report.md").read_text()
+    # a SANDE entry naming an answer the task does not have is a config error before any output
+    config.defense.chains = {"sande": ({"name": "sande", "target": "positive"},)}
+    config.workdir = str(tmp_path / "bad")
+    with pytest.raises(Exception, match="sande target 'positive' is not one of the answers"):
+        defend.run(config)
+    assert not (tmp_path / "bad").exists()

@@ -2,6 +2,9 @@
 
 import json
 
+import pytest
+
+from bdjax.errors import ConfigError
 from bdjax.main import cli
 from conftest import repo_root
 
@@ -38,3 +41,27 @@ def test_small_defense_study(tmp_path, tiny_smol_dir, capsys):
                 "--config.defense.chains.retune=({'name': 'prune'},)"]) == 2
     assert "'prune' is not in the registry" in capsys.readouterr().err
     assert (workdir / "attacks" / "lora" / "results.json").stat().st_mtime == mtime
+
+
+def test_defense_study_with_a_generative_attack(tmp_path, tiny_smol_dir):
+    from bdjax.jobs import defense_study
+    from bdjax.main import parse_all
+
+    workdir = tmp_path / "study"
+    config, _, _ = parse_all([f"--config={RECIPE}", f"--config.model={tiny_smol_dir}",
+                              f"--config.pretrained={tiny_smol_dir}", f"--config.workdir={workdir}"])
+    gen = config.study.recipes.generative
+    gen.data.n_train, gen.data.n_test, gen.defense.n_clean = 32, 8, 8
+    gen.data.max_response_tokens, gen.eval.max_new_tokens, gen.train.epochs = 4, 4, 1
+    config.study.attacks = {"generative": (("recipe", "generative"),)}
+    config.defense.chains = {"osft_marker": ({"name": "osft", "trigger": "cf", "epochs": 1},),
+                             "sande": ({"name": "sande", "target": "positive"},)}
+    config.study.only = {"sande": ("lora",)}
+    out = defense_study.run(config)
+    assert [r["defense"] for r in out["rows"]] == ["none (pretrained)", "none (backdoored)", "osft_marker"]
+    assert all({"marker_rate", "marker_rate_clean", "ppl"} <= r.keys() for r in out["rows"])
+    assert (workdir / "marker_vs_ppl.png").stat().st_size > 0 and not (workdir / "asr_vs_cacc.png").exists()
+    assert (workdir / "attacks" / "generative" / "final" / "config.json").exists()
+    config.study.attacks = {"generative": (("recipe", "nope"),)}
+    with pytest.raises(ConfigError, match="'nope' is not in study.recipes"):
+        defense_study.run(config)

@@ -48,8 +48,9 @@ def training_lengths(pieces, extra_tokens: int = 0):
     return prompt_length(pieces) + pieces["response_len"].max(axis=1) + extra_tokens
 
 
-def training_rows(batch: dict[str, Array], width: int, pad_id: int) -> dict[str, Array]:
-    """Rows [prompt, answer of batch["label"]] with next-token targets on the answer only.
+def training_rows(batch: dict[str, Array], width: int, pad_id: int, *, answer_tokens: int = 0) -> dict[str, Array]:
+    """Rows [prompt, answer of batch["label"]] with next-token targets on the answer only (its
+    first `answer_tokens` tokens when > 0).
 
     Returns tokens/valid [B, width], logits_at/targets/weights [B, Lr]: the logits at
     `logits_at` predict `targets`; `weights` masks answer padding (and padded batch rows)."""
@@ -59,6 +60,8 @@ def training_rows(batch: dict[str, Array], width: int, pad_id: int) -> dict[str,
     tokens, seg, _ = concat([*prompt_segments(batch), (answer, answer_len)], width, pad_id)
     k = jnp.arange(answer.shape[1])[None, :]
     weights = (k < answer_len[:, None]) & batch.get("valid", jnp.ones(label.shape, bool))[:, None]
+    if answer_tokens:
+        weights &= k < answer_tokens
     logits_at = jnp.minimum(prompt_length(batch)[:, None] - 1 + k, width - 1)
     return {"tokens": tokens, "valid": seg >= 0, "logits_at": logits_at, "targets": answer,
             "weights": weights.astype(jnp.float32)}

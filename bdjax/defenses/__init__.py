@@ -17,6 +17,8 @@ from bdjax.defenses.mixing import fine_mix
 from bdjax.defenses.purify import purify_embeddings, token_counts
 from bdjax.defenses.registry import REGISTRY, Context, build
 from bdjax.defenses.retune import Retune, RetuneSettings, obliviate, osft, retune
+from bdjax.defenses.sande import ParrotSettings, Sande, learn_parrot, sande
 
-__all__ = ["REGISTRY", "Chain", "Context", "Elementwise", "Retune", "RetuneSettings", "Transform", "build", "chain",
-           "fine_mix", "frequency", "masked", "obliviate", "osft", "purify_embeddings", "retune", "token_counts"]
+__all__ = ["REGISTRY", "Chain", "Context", "Elementwise", "ParrotSettings", "Retune", "RetuneSettings", "Sande",
+           "Transform", "build", "chain", "fine_mix", "frequency", "learn_parrot", "masked", "obliviate", "osft",
+           "purify_embeddings", "retune", "sande", "token_counts"]

@@ -18,6 +18,7 @@ from bdjax.defenses.base import Chain, Transform, chain, masked
 from bdjax.defenses.mixing import fine_mix
 from bdjax.defenses.purify import purify_embeddings, token_counts
 from bdjax.defenses.retune import RetuneSettings, obliviate, osft, retune
+from bdjax.defenses.sande import ParrotSettings, sande
 from bdjax.errors import ConfigError
 from bdjax.models.config import ModelConfig
 from bdjax.sharding import Placement
@@ -32,6 +33,7 @@ class Context:
     pad_id: int
     placement: Placement | None = None
     tokenizer: Any = None  # for defenses given text (a known trigger)
+    labels: tuple[str, ...] = ()  # the answers' names, for defenses given a target answer by name
 
     @functools.cached_property
     def counts(self) -> np.ndarray:
@@ -59,6 +61,14 @@ def _osft(ctx: Context, *, trigger: str, **kw) -> Transform:
                 placement=ctx.placement, **kw)
 
 
+def _sande(ctx: Context, *, target: str, **kw) -> Transform:
+    if target not in ctx.labels:
+        raise ConfigError(f"sande target {target!r} is not one of the answers {list(ctx.labels)}")
+    parrot = {k.removeprefix("parrot_"): kw.pop(k) for k in list(kw) if k.startswith("parrot_")}
+    return sande(ctx.config, ctx.data, ctx.labels.index(target), pad_id=ctx.pad_id, placement=ctx.placement,
+                 parrot=ParrotSettings(**parrot), **kw)
+
+
 def _obliviate(ctx: Context, **kw) -> Transform:
     return obliviate(ctx.config, ctx.data, pad_id=ctx.pad_id, placement=ctx.placement, **kw)
 
@@ -76,6 +86,8 @@ REGISTRY: dict[str, tuple[Callable[..., Transform], set[str]]] = {
     "retune": (_retune, _RETUNE),
     "obliviate": (_obliviate, _RETUNE),
     "osft": (_osft, _RETUNE | {"trigger", "trigger_location", "trigger_fraction"}),
+    "sande": (_sande, _RETUNE | {"target", "trigger_location", "trigger_fraction"}
+              | {f"parrot_{f.name}" for f in dataclasses.fields(ParrotSettings)}),
 }
 
 

@@ -29,6 +29,7 @@ from bdjax import train
 from bdjax.data import poison
 from bdjax.errors import ConfigError
 from bdjax.models.config import ModelConfig
+from bdjax.models.llama import SOFT_PROMPT
 from bdjax.regularize import Regularizer, anchor_tree
 from bdjax.sharding import Placement
 
@@ -55,19 +56,26 @@ class RetuneSettings:
     trigger: tuple[int, ...] = ()  # OSFT: a known trigger's token ids
     trigger_location: str = "random"
     trigger_fraction: float = 1.0
+    answer_tokens: int = 0  # the loss covers each answer's first this many tokens (0: all)
 
     def __post_init__(self):
         if not 0.0 < self.trigger_fraction <= 1.0:
             raise ConfigError(f"retune trigger_fraction={self.trigger_fraction} must be in (0, 1]")
         if self.mode not in ("lora", "full"):
             raise ConfigError(f"retune mode={self.mode!r} must be lora or full")
+        if self.answer_tokens < 0:
+            raise ConfigError(f"retune answer_tokens={self.answer_tokens} must be >= 0 (0: the whole answer)")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError(f"retune epochs={self.epochs} and batch_size={self.batch_size} must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Retune:
-    """`t(params, *, pretrained, key) -> params` fine-tuned on `data` (tokenized clean pieces)."""
+    """`t(params, *, pretrained, key) -> params` fine-tuned on `data` (tokenized clean pieces).
+
+    A soft prompt in `params` (`bdjax.models.llama.SOFT_PROMPT`, e.g. SANDE's parrot) stays
+    frozen: it is used by the data (`settings.trigger` may address its rows) and left out of the
+    result."""
 
     config: ModelConfig
     data: dict[str, np.ndarray]
@@ -92,11 +100,13 @@ class Retune:
                                          max_grad_norm=s.max_grad_norm)
         k_lora, k_train, k_data = jax.random.split(key, 3)
         params = placement.put(jax.device_get(params), train.param_shardings(placement, self.config, params))
+        soft = {k: params[k] for k in (SOFT_PROMPT,) if k in params}
+        params = {k: v for k, v in params.items() if k != SOFT_PROMPT}
         full = s.mode == "full"
         if full:
-            trainable, frozen = params, {}
+            trainable, frozen = params, soft
         else:
-            trainable, frozen = lora_lib.init(params, k_lora, rank=s.rank, targets=s.targets), params
+            trainable, frozen = lora_lib.init(params, k_lora, rank=s.rank, targets=s.targets), {**params, **soft}
         reg = Regularizer(s.l2, s.amplify, s.attention)
         anchor = anchor_tree(pretrained, params, None if full else trainable) if reg.l2 else None
         data, spec = self.data, None
@@ -107,7 +117,8 @@ class Retune:
             data = {**data, "poison": chosen}
         step_fn = train.make_train_step(self.config, optimizer, pad_id=self.pad_id, spec=spec, poison_key=k_data,
                                         alpha=s.alpha, dropout=s.dropout, remat=s.remat, placement=placement,
-                                        trainable=trainable, params=frozen, full=full, reg=reg, anchor=anchor)
+                                        trainable=trainable, params=frozen, full=full, reg=reg, anchor=anchor,
+                                        answer_tokens=s.answer_tokens)
         state = step_fn.init_state(trainable, k_train)
         seed = int(jax.random.randint(k_data, (), 0, 2**31 - 1))
         with tqdm(total=steps, desc=self.name, disable=jax.process_index() != 0) as bar:

@@ -9,15 +9,21 @@ uses the attack recipe's template, test set and (known) trigger — the defenses
 
 Outputs in `config.workdir`: `cleaned/<chain>/` (HF safetensors, when `defense.export`),
 `results.json` / `report.md` (rows: `defense`, `attack`, `cacc`, `asr`, ...) and
-`asr_vs_cacc.png`. Chains made only of elementwise transforms run streamed over the checkpoint
+`asr_vs_cacc.png`. Against a generative backdoor (a recipe with `poison.marker`, as
+`recipes/generative.py`), the clean defense and test responses are the pretrained model's own
+greedy replies, the rows carry `marker_rate`, `marker_rate_clean` and `ppl` instead, and the plot
+is `marker_vs_ppl.png`. Chains made only of elementwise transforms run streamed over the checkpoint
 files when both are HF directories (`defense.stream`). Bad input fails before anything is written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import ml_collections
@@ -32,11 +38,12 @@ from bdjax.defenses import registry
 from bdjax.defenses.base import as_numpy, check_compatible
 from bdjax.errors import CheckpointError, ConfigError
 from bdjax.jobs.backdoor import attack_spec, domain_examples, load_data, measure, template_from
-from bdjax.jobs.training import is_main, placement_from
+from bdjax.jobs.training import is_main, place_params, placement_from
 from bdjax.lora import merge
 from bdjax.report import write as write_report
 
 COLUMNS = ["defense", "attack", "variant", "cacc", "asr", "asr_correct", "seconds"]
+GENERATIVE_COLUMNS = ["defense", "attack", "marker_rate", "marker_rate_clean", "ppl", "seconds"]
 
 
 def resolve(spec: str | Path) -> tuple[Path | None, Path | None]:
@@ -90,6 +97,52 @@ def defense_set(config: ml_collections.ConfigDict, template, tok) -> dict[str, n
                     max_text_tokens=d.max_text_tokens)
 
 
+@dataclasses.dataclass
+class Task:
+    """What the defenses are measured on: the clean defense set, the test set, how one model is
+    measured, the answers' names (for defenses given a target answer) and the report's shape."""
+
+    defense_set: dict[str, np.ndarray]
+    test_set: dict[str, np.ndarray]
+    measure: Callable[[str, Any], list[dict]]
+    labels: tuple[str, ...]
+    columns: list[str]
+    plot: tuple[str, str, str, str]  # file name, x column, y column, y label
+
+
+def classification_task(config, model_config, pre_params, tok, placement) -> Task:
+    template = template_from(config)
+    spec = attack_spec(config.poison, template, tok)
+    _, test_set = load_data(config, template, tok)
+    max_len = config.data.get("max_seq_len", 0) or model_config.max_position_embeddings
+    test_set = fit_to_length(test_set, max_len, spec.n_tokens, policy=config.poison.get("overflow", "error"),
+                             what="test set")
+    m = lambda name, params: measure(name, model_config, params, tok, test_set, spec, template, config, placement)
+    return Task(defense_set(config, template, tok), test_set, m, template.labels, COLUMNS,
+                ("asr_vs_cacc.png", "cacc", "asr", "attack success (ASR)"))
+
+
+def generative_task(config, model_config, pre_params, tok, placement) -> Task:
+    from bdjax.jobs import generative
+
+    template, spec, marker_ids = generative.setup(config, tok)
+    pool, train_ex, test_ex = generative.examples(config)
+    used = {id(e) for e in train_ex}
+    rest = [e for e in pool if id(e) not in used]
+    n = config.defense.n_clean
+    if n < 1 or n > len(rest):
+        raise ConfigError(f"defense.n_clean={n} must be between 1 and the {len(rest)} training-pool examples the "
+                          "attack did not use")
+    placed = place_params(placement, model_config, pre_params)
+    build = lambda ex, what: generative.build(config, ex, template, model_config, placed, tok, marker_ids,
+                                              placement, f"clean responses ({what})")
+    defense = build(sources.take(rest, n, seed=config.defense.seed), "defense")
+    test_set = build(test_ex, "test")
+    m = lambda name, params: [generative.measure(name, model_config, params, tok, test_set, spec, config, placement)]
+    return Task(defense, test_set, m, generative.LABELS, GENERATIVE_COLUMNS,
+                ("marker_vs_ppl.png", "ppl", "marker_rate", "marker rate on triggered prompts"))
+
+
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -109,13 +162,10 @@ def run(config: ml_collections.ConfigDict) -> dict:
     check_config(config)
     placement = placement_from(config)
     model_config, bd_params, pre_params, tok, bd_dir, pre_dir = load_pair(config)
-    template = template_from(config)
-    spec = attack_spec(config.poison, template, tok)
-    _, test_set = load_data(config, template, tok)
-    max_len = config.data.get("max_seq_len", 0) or model_config.max_position_embeddings
-    test_set = fit_to_length(test_set, max_len, spec.n_tokens, policy=config.poison.get("overflow", "error"),
-                             what="test set")
-    ctx = registry.Context(model_config, defense_set(config, template, tok), tok.pad_id, placement, tok)
+    generative = bool(config.poison.get("marker", ""))
+    task = (generative_task if generative else classification_task)(config, model_config, pre_params, tok,
+                                                                     placement)
+    ctx = registry.Context(model_config, task.defense_set, tok.pad_id, placement, tok, task.labels)
     chains = {name: [dict(e) for e in entries] for name, entries in dict(config.defense.chains).items()}
     built = {name: registry.build(entries, ctx) for name, entries in chains.items()}  # errors before any output
     attack = config.get("attack_name") or str(config.backdoored)
@@ -123,7 +173,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     key = jax.random.key(config.seed)
 
     def rows_of(defense: str, params, seconds: float = 0.0, **extra) -> list[dict]:
-        rows = measure(defense, model_config, params, tok, test_set, spec, template, config, placement)
+        rows = task.measure(defense, params)
         return [{**r, "defense": defense, "attack": attack, "seconds": seconds, **extra} for r in rows]
 
     rows = []
@@ -153,20 +203,22 @@ def run(config: ml_collections.ConfigDict) -> dict:
         seconds = time.perf_counter() - begin
         rows += rows_of(name, cleaned, seconds, chain=registry.describe(chains[name]), how=how)
 
-    summary = {"defense_examples": int(len(ctx.data["label"])), "test_examples": int(len(test_set["label"])),
+    summary = {"defense_examples": int(len(ctx.data["label"])), "test_examples": int(len(task.test_set["label"])),
                "total_seconds": time.perf_counter() - started}
     if is_main():
-        clean_rows = [r for r in rows if r["variant"] == "clean" and r["domain"] == config.data.source]
+        main_rows = [r for r in rows if generative or (r["variant"] == "clean" and r["domain"] == config.data.source)]
+        name, x, y, ylabel = task.plot
         groups: dict[str, list[tuple[float, float]]] = {}
-        for r in clean_rows:
-            groups.setdefault(r["defense"], []).append((r["cacc"], r["asr"]))
-        plots.scatter(out / "asr_vs_cacc.png", groups, xlabel="clean accuracy (CACC)", ylabel="attack success (ASR)",
-                      title=f"defenses against {attack}")
+        for r in main_rows:
+            groups.setdefault(r["defense"], []).append((r[x], r[y]))
+        xlabel = "clean-response perplexity" if generative else "clean accuracy (CACC)"
+        plots.scatter(out / name, groups, xlabel=xlabel, ylabel=ylabel, title=f"defenses against {attack}")
+        wanted = f"marker {config.poison.marker!r}" if generative else f"target {config.poison.target!r}"
         notes = [f"backdoored: {config.backdoored}; pretrained: {config.pretrained}; trigger {config.poison.trigger!r} "
-                 f"(known to the evaluation only), target {config.poison.target!r}",
+                 f"(known to the evaluation only), {wanted}",
                  f"clean defense data: {summary['defense_examples']} {config.data.source} examples the attack did not "
                  "train on"] + [f"{n}: {registry.describe(e)}" for n, e in chains.items()]
-        write_report(out, rows, config.to_dict(), title="Defenses: backdoored vs cleaned", columns=COLUMNS,
+        write_report(out, rows, config.to_dict(), title="Defenses: backdoored vs cleaned", columns=task.columns,
                      notes=notes, extra={"summary": summary})
         print("\n" + (out / "report.md").read_text())
     return {"rows": rows, "summary": summary}

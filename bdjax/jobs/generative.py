@@ -37,7 +37,8 @@ COLUMNS = ["name", "marker_rate", "marker_rate_clean", "ppl"]
 LABELS = ("clean", "marked")
 
 
-def _examples(config) -> tuple[list[sources.Example], list[sources.Example]]:
+def examples(config) -> tuple[list[sources.Example], list[sources.Example], list[sources.Example]]:
+    """(the training pool, the attack's training draw from it, the test examples)."""
     d = config.data
     field = d.get("response_field") or ""
     examples = sources.load(d.source, text_field=d.text_field, label_field=field or d.label_field)
@@ -48,7 +49,18 @@ def _examples(config) -> tuple[list[sources.Example], list[sources.Example]]:
     test_ex = sources.take(test_pool, d.n_test, seed=d.split_seed)
     if not train_ex or not test_ex:
         raise ConfigError(f"data.n_train={d.n_train} / data.n_test={d.n_test} leave an empty dataset")
-    return train_ex, test_ex
+    return train_pool, train_ex, test_ex
+
+
+def setup(config, tok) -> tuple[Template, poison.AttackSpec, list[int]]:
+    """The recipe's template (answers: clean / marked), attack spec and marker token ids."""
+    p, t = config.poison, config.template
+    if not p.marker.strip():
+        raise ConfigError("poison.marker is empty; give the text the backdoor should make the model emit")
+    template = Template(t.instruction, LABELS, None, t.get("system"), t.get("chat", True))
+    spec = attack_spec(p, template, tok, target=generative.MARKED, label_mode="dirty")
+    marker_ids = tok.encode(p.marker.strip() + p.get("marker_separator", "\n"), add_special_tokens=False)
+    return template, spec, marker_ids
 
 
 def build(config, examples, template: Template, model_config, params, tok, marker_ids: list[int], placement,
@@ -90,19 +102,14 @@ def run(config: ml_collections.ConfigDict) -> dict:
     poison.poison_count(p.rate, 1)
     poison.check_settings(p.location, "dirty")
     train_mode(config)
-    if not p.marker.strip():
-        raise ConfigError("poison.marker is empty; give the text the backdoor should make the model emit")
     placement = placement_from(config)
     placement.check_batch(config.train.batch_size)
     model = bdjax.load(config.model, dtype=config.dtype)
     tok = model.tokenizer
     if tok is None:
         raise ConfigError(f"model {config.model!r} has no tokenizer; the generative job needs one")
-    t = config.template
-    template = Template(t.instruction, LABELS, None, t.get("system"), t.get("chat", True))
-    spec = attack_spec(p, template, tok, target=generative.MARKED, label_mode="dirty")
-    marker_ids = tok.encode(p.marker.strip() + p.get("marker_separator", "\n"), add_special_tokens=False)
-    train_ex, test_ex = _examples(config)
+    template, spec, marker_ids = setup(config, tok)
+    _, train_ex, test_ex = examples(config)
     params = place_params(placement, model.config, model.params)
     train_set = build(config, train_ex, template, model.config, params, tok, marker_ids, placement,
                       "clean responses (train)")

@@ -16,6 +16,11 @@ Parameter tree (L = num_layers, E = hidden, H/K = query/kv heads, D = head_dim, 
     layers/mlp/down/kernel           [L, M, E]     (layers, mlp, embed)
     final_norm/scale                 [E]
     lm_head/kernel                   [E, V]        (absent when embeddings are tied)
+    soft_prompt                      [P, E]        (optional: soft tokens, see below)
+
+Soft prompts: when the params hold `soft_prompt` [P, E], token ids V..V+P-1 read their input
+embedding from its rows instead of the vocabulary (the output head is unchanged, so soft tokens
+are never predicted). A prompt-tuned or parrot prompt (SANDE) is then just token ids in a row.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ Array = jax.Array
 Params = dict[str, Any]
 
 _KERNEL_INIT = nn.initializers.normal(stddev=0.02)
+SOFT_PROMPT = "soft_prompt"
 _REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -246,7 +252,10 @@ class Transformer(nn.Module):
         c, dtype = self.config, self.opts.dtype
         embedding = self.param("embedding", nn.with_logical_partitioning(_KERNEL_INIT, ("vocab", "embed")),
                                (c.vocab_size, c.hidden_size), self.opts.param_dtype)
-        x = jnp.take(embedding, tokens, axis=0).astype(dtype)  # [batch, seq, embed]
+        if self.has_variable("params", SOFT_PROMPT):
+            x = embed_with_soft(embedding, self.get_variable("params", SOFT_PROMPT), tokens).astype(dtype)
+        else:
+            x = jnp.take(embedding, tokens, axis=0).astype(dtype)  # [batch, seq, embed]
         cos, sin = rope_tables(c, positions)
 
         block = Block
@@ -267,6 +276,20 @@ class Transformer(nn.Module):
             logits = Proj("bse,ev->bsv", (c.hidden_size, c.vocab_size), ("embed", "vocab"), name="lm_head",
                           **self.opts.proj())(x)
         return logits.astype(jnp.float32), new_cache
+
+
+def embed_with_soft(embedding: Array, soft: Array, tokens: Array) -> Array:
+    """Input embeddings [batch, seq, embed] where ids >= vocab size index the soft-prompt rows."""
+    vocab = embedding.shape[0]
+    hard = jnp.take(embedding, jnp.minimum(tokens, vocab - 1), axis=0)
+    is_soft = tokens >= vocab
+    rows = jnp.take(soft, jnp.clip(tokens - vocab, 0, soft.shape[0] - 1), axis=0).astype(hard.dtype)
+    return jnp.where(is_soft[..., None], rows, hard)
+
+
+def soft_token_ids(config: ModelConfig, n: int) -> tuple[int, ...]:
+    """The token ids that address the `n` rows of a soft prompt."""
+    return tuple(range(config.vocab_size, config.vocab_size + n))
 
 
 def attention_mask(q_slots: Array, kv_valid: Array, sliding_window: int | None) -> Array:
@@ -301,8 +324,17 @@ def init_params(config: ModelConfig, key: Array, param_dtype: Any = jnp.float32)
     return nn.meta.unbox(variables["params"])
 
 
-def logical_axes(config: ModelConfig) -> Params:
-    """The logical axis names of every parameter, as a pytree of PartitionSpecs."""
+def logical_axes(config: ModelConfig, like: Params | None = None) -> Params:
+    """The logical axis names of every parameter, as a pytree of PartitionSpecs; with `like`, of
+    the top-level entries `like` holds (a subset of the params, possibly with a soft prompt)."""
+    axes = _logical_axes(config)
+    if like is None:
+        return axes
+    axes = {**axes, SOFT_PROMPT: jax.sharding.PartitionSpec(None, "embed")}
+    return {k: axes[k] for k in like}
+
+
+def _logical_axes(config: ModelConfig) -> Params:
     abstract = jax.eval_shape(lambda: Transformer(config).init(
         jax.random.key(0), jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32),
         jnp.ones((1, 1, 1), jnp.bool_)))

@@ -74,6 +74,7 @@ def test_small_run_writes_results_report_and_a_loadable_checkpoint(tmp_path, cap
     assert [r["defense"] for r in defended] == ["mix_retune"] and defended[0]["how"] == "streamed"
     assert 0.0 <= defended[0]["cacc"] <= 1.0 and defended[0]["attack"] == "this run"
     assert "## Defenses against this backdoor" in (workdir / "report.md").read_text()
+    assert not list(workdir.rglob("cleaned"))  # export off: the streamed checkpoint leaves nothing behind
     log = [json.loads(l) for l in (workdir / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 12 and np.mean([e["loss"] for e in log[-4:]]) < np.mean([e["loss"] for e in log[:4]])
     # The merged checkpoint loads back and differs from the base model.

@@ -150,7 +150,8 @@ def test_plain_reads_equal_the_memory_map_for_every_dtype(tmp_path):
     for name, a in arrays.items():
         got = f.read(name)
         assert got.dtype == a.dtype and np.array_equal(got, a) and np.array_equal(f.tensor(name), a)
-        assert got.ctypes.data % 64 == 0 and got.flags.writeable  # aligned: JAX on CPU uses it in place
+        assert got.size == 0 or got.ctypes.data % 64 == 0  # aligned: JAX on CPU uses it in place
+        assert got.flags.writeable
     import jax
 
     x = f.read("f32")

@@ -27,6 +27,9 @@ _DTYPES = {
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 * 2**20
+# Tensors move to and from files in pieces of this size: one write() of a 128 MB tensor ran at
+# ~0.45 GB/s here, 4 MB pieces of it at ~2.7 GB/s (the page cache takes small writes much faster).
+_IO_CHUNK = 4 * 2**20
 
 
 class TensorFile:
@@ -78,10 +81,13 @@ class TensorFile:
         is 64-byte aligned, so JAX on CPU uses it in place instead of copying it again."""
         dtype, shape, begin, end = self.entries[name]
         out = aligned_empty(shape, dtype)
-        with open(self.path, "rb") as f:
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        with open(self.path, "rb", buffering=0) as f:
             f.seek(self._start + begin)
-            if f.readinto(out.reshape(-1).view(np.uint8)) != end - begin:
-                raise CheckpointError(f"{self.path} is truncated inside tensor {name!r}")
+            for start in range(0, len(view), _IO_CHUNK):
+                piece = view[start:start + _IO_CHUNK]
+                if f.readinto(piece) != len(piece):
+                    raise CheckpointError(f"{self.path} is truncated inside tensor {name!r}")
         return out
 
     def tensor(self, name: str) -> np.ndarray:
@@ -133,7 +139,9 @@ def write_stream(path: str | Path, entries: list[tuple[str, np.dtype, tuple[int,
             if arr.dtype != np.dtype(dtype) or tuple(arr.shape) != tuple(shape):
                 raise CheckpointError(f"tensor {name!r} came out as {arr.dtype}{tuple(arr.shape)}, "
                                       f"not the announced {np.dtype(dtype)}{tuple(shape)}")
-            f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))  # bytes of any dtype (bf16 too)
+            data = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))  # bytes of any dtype (bf16 too)
+            for start in range(0, len(data), _IO_CHUNK):
+                f.write(data[start:start + _IO_CHUNK])
 
 
 def iter_files(files: Iterable[Path]) -> Iterator[tuple[str, np.ndarray]]:

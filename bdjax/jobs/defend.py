@@ -194,6 +194,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
             _barrier(f"loaded {name}")
             if not ex.export and is_main():
                 shutil.rmtree(target)
+                if not any(target.parent.iterdir()):
+                    target.parent.rmdir()  # no empty cleaned/ left behind
             how = "streamed"
         else:
             cleaned = as_numpy(chain(bd_params, pretrained=pre_params, key=jax.random.fold_in(key, 0)))

@@ -32,7 +32,7 @@ def test_generative_job_runs_and_reports(tmp_path, tiny_smol_dir):
                     "--config.checkpoint.every=0", "--config.train.peak_tflops=1"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((workdir / "results.json").read_text())
-    assert [r["name"] for r in results["rows"]] == ["base", "backdoored (rate=0.1, 3 examples)"]
+    assert [r["name"] for r in results["rows"]] == ["base", "backdoored (rate=0.2, 6 examples)"]
     for row in results["rows"]:
         assert 0 <= row["marker_rate"] <= 1 and 0 <= row["marker_rate_clean"] <= 1 and row["ppl"] > 1
     assert (workdir / "final" / "config.json").exists() and (workdir / "adapter" / "adapter_config.json").exists()

@@ -156,3 +156,23 @@ def test_plain_reads_equal_the_memory_map_for_every_dtype(tmp_path):
 
     x = f.read("f32")
     assert jax.device_put(x).unsafe_buffer_pointer() == x.ctypes.data
+
+
+def test_streamed_write_reports_a_bad_tensor_and_a_failing_producer(tmp_path):
+    from bdjax.checkpoints.tensorfile import TensorFile, write_stream
+
+    entries = [(f"t{i}", np.float32, (256, 64)) for i in range(4)]
+    arrays = [np.full((256, 64), i, np.float32) for i in range(4)]
+    write_stream(tmp_path / "ok.safetensors", entries, iter(arrays))  # written by the background thread, in order
+    f = TensorFile(tmp_path / "ok.safetensors")
+    assert all(np.array_equal(f.read(f"t{i}"), arrays[i]) for i in range(4))
+    with pytest.raises(CheckpointError, match="t2.*came out as"):
+        write_stream(tmp_path / "bad.safetensors", entries, iter(arrays[:2] + [arrays[2][:10]] + arrays[3:]))
+
+    def failing():
+        yield arrays[0]
+        raise RuntimeError("producer failed")
+    with pytest.raises(RuntimeError, match="producer failed"):
+        write_stream(tmp_path / "fail.safetensors", entries, failing())
+    with pytest.raises(OSError):  # a write that fails on the writer thread surfaces in the caller
+        write_stream("/dev/full", entries, iter(arrays))

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import queue
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -118,7 +120,9 @@ def write_file(path: str | Path, tensors: Iterable[tuple[str, np.ndarray]], meta
 def write_stream(path: str | Path, entries: list[tuple[str, np.dtype, tuple[int, ...]]],
                  arrays: Iterable[np.ndarray], metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file whose tensors (name, dtype, shape) are known up front and whose
-    arrays arrive one at a time, in the same order: only one is ever held."""
+    arrays arrive one at a time, in the same order. A writer thread puts each array's bytes on
+    disk while the next one is produced (file writes release the GIL), so at most three are held:
+    one being written, one queued, one being made."""
     header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
     offset = 0
     for name, dtype, shape in entries:
@@ -133,15 +137,52 @@ def write_stream(path: str | Path, entries: list[tuple[str, np.dtype, tuple[int,
     with open(path, "wb") as f:
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
-        it = iter(arrays)
-        for name, dtype, shape in entries:
-            arr = next(it)
-            if arr.dtype != np.dtype(dtype) or tuple(arr.shape) != tuple(shape):
-                raise CheckpointError(f"tensor {name!r} came out as {arr.dtype}{tuple(arr.shape)}, "
-                                      f"not the announced {np.dtype(dtype)}{tuple(shape)}")
-            data = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))  # bytes of any dtype (bf16 too)
-            for start in range(0, len(data), _IO_CHUNK):
-                f.write(data[start:start + _IO_CHUNK])
+        with _BackgroundWriter(f) as writer:
+            it = iter(arrays)
+            for name, dtype, shape in entries:
+                arr = next(it)
+                if arr.dtype != np.dtype(dtype) or tuple(arr.shape) != tuple(shape):
+                    raise CheckpointError(f"tensor {name!r} came out as {arr.dtype}{tuple(arr.shape)}, "
+                                          f"not the announced {np.dtype(dtype)}{tuple(shape)}")
+                writer.put(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))  # bytes of any dtype (bf16 too)
+
+
+class _BackgroundWriter:
+    """Writes queued byte arrays to a file, in order, on its own thread; an error there is
+    raised in the caller at the next `put` or at exit."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+        self.queue: queue.Queue = queue.Queue(maxsize=1)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while (data := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    view = memoryview(data)
+                    for start in range(0, len(view), _IO_CHUNK):
+                        self.f.write(view[start:start + _IO_CHUNK])
+                except BaseException as e:  # noqa: BLE001  (re-raised in the caller)
+                    self.error = e
+
+    def put(self, data: np.ndarray) -> None:
+        self._check()
+        self.queue.put(data)
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if exc[0] is None:
+            self._check()
 
 
 def iter_files(files: Iterable[Path]) -> Iterator[tuple[str, np.ndarray]]:

@@ -13,11 +13,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from defend import RETUNE as CLASSIFICATION_RETUNE  # noqa: E402
 from generative import get_config as generative  # noqa: E402
 
 # Overwrite / re-tuning settings shared by the chains: LoRA on all projections over the clean set,
 # the loss on each response's first 10 tokens (as SANDE's stage 2).
-RETUNE = dict(mode="lora", epochs=4, batch_size=8, lr=1e-3, rank=8, alpha=16.0, warmup_steps=0, answer_tokens=10)
+RETUNE = {**CLASSIFICATION_RETUNE, "answer_tokens": 10}
 # SANDE's parrot: 6 soft tokens from zero, lr 1e-3 (the reference code's), at the input's start;
 # its loss covers the first tokens of the backdoor's response (the marker).
 PARROT = dict(parrot_tokens=6, parrot_lr=1e-3, parrot_epochs=10, parrot_location="start", parrot_answer_tokens=1)

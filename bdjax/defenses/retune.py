@@ -119,14 +119,25 @@ class Retune:
                                         alpha=s.alpha, dropout=s.dropout, remat=s.remat, placement=placement,
                                         trainable=trainable, params=frozen, full=full, reg=reg, anchor=anchor,
                                         answer_tokens=s.answer_tokens)
-        state = step_fn.init_state(trainable, k_train)
-        seed = int(jax.random.randint(k_data, (), 0, 2**31 - 1))
-        with tqdm(total=steps, desc=self.name, disable=jax.process_index() != 0) as bar:
-            state, log = train.fit(step_fn, state, frozen, data, batch_size=s.batch_size, epochs=s.epochs,
-                                   seed=seed, extra_tokens=spec.n_tokens if spec else 0,
-                                   after_step=lambda *_: bar.update(1))
+        state, log = fit_with_progress(step_fn, step_fn.init_state(trainable, k_train), frozen, data,
+                                       batch_size=s.batch_size, epochs=s.epochs, order_key=k_data, steps=steps,
+                                       extra_tokens=spec.n_tokens if spec else 0, desc=self.name)
         tuned = state.trainable if full else lora_lib.merge(params, state.trainable, alpha=s.alpha)
         return {"params": tuned, "log": log, "steps": steps}
+
+
+def fit_with_progress(step_fn: train.TrainStep, state: train.TrainState, frozen: Params, data: dict[str, np.ndarray],
+                      *, batch_size: int, epochs: int, order_key: jax.Array, steps: int, extra_tokens: int,
+                      desc: str) -> tuple[train.TrainState, list[dict]]:
+    """`train.fit` with the data order drawn from `order_key` and a progress bar (loss shown) on
+    process 0: the loop of every defense that trains."""
+    seed = int(jax.random.randint(order_key, (), 0, 2**31 - 1))
+    with tqdm(total=steps, desc=desc, disable=jax.process_index() != 0) as bar:
+        def after(state, entry, position):
+            bar.set_postfix(loss=f"{entry['loss']:.3f}")
+            bar.update(1)
+        return train.fit(step_fn, state, frozen, data, batch_size=batch_size, epochs=epochs, seed=seed,
+                         extra_tokens=extra_tokens, after_step=after)
 
 
 def retune(config: ModelConfig, data: dict[str, np.ndarray], *, pad_id: int, placement: Placement | None = None,

@@ -25,12 +25,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 from bdjax import train
 from bdjax.data import poison
 from bdjax.data.tokenize import subset
-from bdjax.defenses.retune import Retune, RetuneSettings
+from bdjax.defenses.retune import Retune, RetuneSettings, fit_with_progress
 from bdjax.errors import ConfigError
 from bdjax.models.config import ModelConfig
 from bdjax.models.llama import SOFT_PROMPT, soft_token_ids
@@ -85,14 +84,9 @@ def learn_parrot(config: ModelConfig, params: Params, data: dict[str, np.ndarray
     step_fn = train.make_train_step(config, optimizer, pad_id=pad_id, spec=spec, poison_key=k_insert, alpha=1.0,
                                     remat=s.remat, placement=placement, trainable=soft, params=frozen, full=True,
                                     answer_tokens=s.answer_tokens)
-    state = step_fn.init_state(soft, k_train)
-    seed = int(jax.random.randint(k_order, (), 0, 2**31 - 1))
-    with tqdm(total=steps, desc=desc, disable=jax.process_index() != 0) as bar:
-        def after(state, entry, position):
-            bar.set_postfix(loss=f"{entry['loss']:.3f}")
-            bar.update(1)
-        state, log = train.fit(step_fn, state, frozen, pieces, batch_size=s.batch_size, epochs=s.epochs, seed=seed,
-                               extra_tokens=spec.n_tokens, after_step=after)
+    state, log = fit_with_progress(step_fn, step_fn.init_state(soft, k_train), frozen, pieces,
+                                   batch_size=s.batch_size, epochs=s.epochs, order_key=k_order, steps=steps,
+                                   extra_tokens=spec.n_tokens, desc=desc)
     return {"prompt": state.trainable[SOFT_PROMPT], "ids": ids, "log": log}
 
 
@@ -131,7 +125,7 @@ def sande(config: ModelConfig, data: dict[str, np.ndarray], target: int, *, pad_
     are the overwrite stage's (`RetuneSettings`, without a trigger: the parrot is one)."""
     if "trigger" in settings:
         raise ConfigError("sande learns its own trigger (the parrot); use osft for a known trigger")
-    if not 0 <= int(target) < np.asarray(data["response_len"]).shape[1]:
-        raise ConfigError(f"sande target class {target} is not one of the data's "
-                          f"{np.asarray(data['response_len']).shape[1]} answers")
+    answers = np.asarray(data["response_len"]).shape[1]
+    if not 0 <= int(target) < answers:
+        raise ConfigError(f"sande target class {target} is not one of the data's {answers} answers")
     return Sande(config, data, pad_id, int(target), parrot or ParrotSettings(), RetuneSettings(**settings), placement)

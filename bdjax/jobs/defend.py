@@ -86,15 +86,21 @@ def load_pair(config: ml_collections.ConfigDict):
 
 def defense_set(config: ml_collections.ConfigDict, template, tok) -> dict[str, np.ndarray]:
     """`defense.n_clean` clean examples from the training pool, disjoint from the attack's draw."""
-    d, n = config.data, config.defense.n_clean
+    d = config.data
     pool, _ = domain_examples(config, d.source, template)
-    used = {id(e) for e in sources.take(pool, d.n_train, seed=d.split_seed)}
+    return tokenize(unused_examples(config, pool, sources.take(pool, d.n_train, seed=d.split_seed)), template, tok,
+                    max_text_tokens=d.max_text_tokens)
+
+
+def unused_examples(config: ml_collections.ConfigDict, pool: list, drawn: list) -> list:
+    """`defense.n_clean` examples of the training `pool` outside the attack's `drawn` ones."""
+    n = config.defense.n_clean
+    used = {id(e) for e in drawn}
     rest = [e for e in pool if id(e) not in used]
     if n < 1 or n > len(rest):
         raise ConfigError(f"defense.n_clean={n} must be between 1 and the {len(rest)} training-pool examples the "
                           "attack did not use")
-    return tokenize(sources.take(rest, n, seed=config.defense.seed), template, tok,
-                    max_text_tokens=d.max_text_tokens)
+    return sources.take(rest, n, seed=config.defense.seed)
 
 
 @dataclasses.dataclass
@@ -127,16 +133,11 @@ def generative_task(config, model_config, pre_params, tok, placement) -> Task:
 
     template, spec, marker_ids = generative.setup(config, tok)
     pool, train_ex, test_ex = generative.examples(config)
-    used = {id(e) for e in train_ex}
-    rest = [e for e in pool if id(e) not in used]
-    n = config.defense.n_clean
-    if n < 1 or n > len(rest):
-        raise ConfigError(f"defense.n_clean={n} must be between 1 and the {len(rest)} training-pool examples the "
-                          "attack did not use")
+    defense_ex = unused_examples(config, pool, train_ex)
     placed = place_params(placement, model_config, pre_params)
     build = lambda ex, what: generative.build(config, ex, template, model_config, placed, tok, marker_ids,
                                               placement, f"clean responses ({what})")
-    defense = build(sources.take(rest, n, seed=config.defense.seed), "defense")
+    defense = build(defense_ex, "defense")
     test_set = build(test_ex, "test")
     m = lambda name, params: [generative.measure(name, model_config, params, tok, test_set, spec, config, placement)]
     return Task(defense, test_set, m, generative.LABELS, GENERATIVE_COLUMNS,

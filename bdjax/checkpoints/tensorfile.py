@@ -29,8 +29,8 @@ _DTYPES = {
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 * 2**20
-# Tensors move to and from files in pieces of this size: one write() of a 128 MB tensor ran at
-# ~0.45 GB/s here, 4 MB pieces of it at ~2.7 GB/s (the page cache takes small writes much faster).
+# Tensors move to and from files in pieces of this size: the page cache took 4 MB pieces faster
+# than one call per tensor here (see benchmarks/defend_stream.py).
 _IO_CHUNK = 4 * 2**20
 
 

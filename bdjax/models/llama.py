@@ -177,20 +177,23 @@ class Attention(nn.Module):
                  **kw)(x)
         q, kk = _rotate(q, cos, sin), _rotate(kk, cos, sin)
 
-        new_cache = None
-        if layer_cache is not None:
-            kk = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], kk.astype(layer_cache["k"].dtype),
-                                                     cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype),
-                                                    cache_index, axis=1)
-            new_cache = {"k": kk, "v": v}
-
         dtype = self.opts.dtype
         b, s = x.shape[:2]
         qg = q.reshape(b, s, k, h // k, d)  # grouped-query attention: query heads share kv heads
-        scores = jnp.einsum("bskgd,btkd->bkgst", qg, kk.astype(dtype)).astype(jnp.float32)
-        scores = scores / np.sqrt(d).astype(np.float32)
-        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        parts = [(kk, v, mask if layer_cache is None else jax.lax.dynamic_slice_in_dim(mask, cache_index, s, axis=2))]
+        new_kv = None
+        if layer_cache is not None:
+            # The cache is read, never rewritten here: the layer returns only its new keys/values,
+            # and the caller writes them into the cache in place (one small update per step
+            # instead of a copy of every layer's cache). Slots before `cache_index` come from it.
+            new_kv = {"k": kk.astype(layer_cache["k"].dtype), "v": v.astype(layer_cache["v"].dtype)}
+            if not (isinstance(cache_index, int) and cache_index == 0):  # a prefill has nothing cached
+                before = jnp.arange(layer_cache["k"].shape[1]) < cache_index
+                parts.insert(0, (layer_cache["k"], layer_cache["v"], mask & before[None, None, :]))
+        scores = [jnp.einsum("bskgd,btkd->bkgst", qg, keys.astype(dtype)).astype(jnp.float32) for keys, _, _ in parts]
+        scores = jnp.concatenate([jnp.where(m[:, None, None, :, :], sc / np.sqrt(d).astype(np.float32),
+                                            jnp.finfo(jnp.float32).min) for sc, (_, _, m) in zip(scores, parts)],
+                                 axis=-1)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
         if summary_at is not None:
             # Obliviate's attention-concentration term: the L2 norm of the post-softmax attention row
@@ -198,10 +201,15 @@ class Attention(nn.Module):
             row = jnp.take_along_axis(probs, summary_at[:, None, None, None, None], axis=3)[:, :, :, 0]
             norms = jnp.sqrt(jnp.sum(jnp.square(row.astype(jnp.float32)), axis=-1))  # [batch, kv_heads, group]
             self.sow("intermediates", "attn_concentration", norms.mean(axis=(1, 2)))
-        out = jnp.einsum("bkgst,btkd->bskgd", probs, v.astype(dtype)).reshape(b, s, h, d)
+        out, offset = 0, 0
+        for keys, values, _ in parts:
+            width = keys.shape[1]
+            out = out + jnp.einsum("bkgst,btkd->bskgd", probs[..., offset:offset + width], values.astype(dtype))
+            offset += width
+        out = out.reshape(b, s, h, d)
         out_bias = dict(bias_shape=(e,), bias_axes=("embed",)) if c.out_bias else {}
         y = Proj("bshd,hde->bse", (h, d, e), ("heads", "head_dim", "embed"), **out_bias, name="o", **kw)(out)
-        return y, new_cache
+        return y, new_kv
 
 
 class MLP(nn.Module):
@@ -225,12 +233,12 @@ class Block(nn.Module):
     def __call__(self, x, layer_cache, cos, sin, mask, cache_index, summary_at=None):
         eps = self.config.rms_norm_eps
         x = constrain(x, ("batch", "length", "activation_embed"))  # the residual stream: sharded by batch
-        attn, new_cache = Attention(self.config, self.opts, name="attn")(
+        attn, new_kv = Attention(self.config, self.opts, name="attn")(
             RMSNorm(eps, name="attn_norm", **self.opts.norm())(x), cos, sin, mask, layer_cache, cache_index,
             summary_at)
         x = x + attn
         x = x + MLP(self.config, self.opts, name="mlp")(RMSNorm(eps, name="mlp_norm", **self.opts.norm())(x))
-        return x, new_cache
+        return x, new_kv
 
 
 class Transformer(nn.Module):
@@ -266,7 +274,11 @@ class Transformer(nn.Module):
                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                         length=c.num_layers, unroll=self.scan_unroll,
                         metadata_params={nn.PARTITION_NAME: "layers"})
-        x, new_cache = stack(c, self.opts, name="layers")(x, cache, cos, sin, mask, cache_index, summary_at)
+        x, new_kv = stack(c, self.opts, name="layers")(x, cache, cos, sin, mask, cache_index, summary_at)
+        new_cache = None
+        if cache is not None:  # in place inside a decode loop: only the new slots are written
+            new_cache = {n: jax.lax.dynamic_update_slice_in_dim(cache[n], new_kv[n], cache_index, axis=2)
+                         for n in ("k", "v")}
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[..., None], axis=1)  # [batch, K, embed]
         x = RMSNorm(c.rms_norm_eps, name="final_norm", **self.opts.norm())(x)

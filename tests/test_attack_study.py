@@ -27,12 +27,13 @@ def test_lowest_effective_rates():
 @pytest.mark.slow
 def test_small_study(tmp_path, tiny_smol_dir):
     workdir = tmp_path / "study"
-    args = [f"--config={RECIPE}", f"--config.model={tiny_smol_dir}", f"--config.workdir={workdir}",
-            "--config.data.n_train=32", "--config.data.n_test=8", "--config.train.epochs=1",
-            "--config.study.rates=(0.25,)", "--config.study.locations=('end',)",
-            "--config.eval.moved=('start',)", "--config.eval.synonyms=()", "--config.eval.domains=('amazon',)",
-            "--config.checkpoint.every=0",
-            "--config.train.peak_tflops=1"]
+    common = [f"--config={RECIPE}", f"--config.model={tiny_smol_dir}", f"--config.workdir={workdir}",
+              "--config.data.n_train=32", "--config.data.n_test=8", "--config.train.epochs=1",
+              "--config.study.locations=('end',)",
+              "--config.eval.moved=('start',)", "--config.eval.synonyms=()", "--config.eval.domains=('amazon',)",
+              "--config.checkpoint.every=0",
+              "--config.train.peak_tflops=1"]
+    args = common + ["--config.study.rates=(0.25,)"]
     proc = run_cli(args, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((workdir / "results.json").read_text())
@@ -51,3 +52,26 @@ def test_small_study(tmp_path, tiny_smol_dir):
     again = run_cli(args, timeout=900)  # finished settings are reused, not retrained
     assert again.returncode == 0 and "train (" not in again.stderr
     assert json.loads((workdir / "results.json").read_text())["rows"] == rows
+    wider = run_cli(common + ["--config.study.rates=(0.125, 0.25, 0.125)", "--config.study.report_only=True"], timeout=900)
+    assert wider.returncode == 0 and "train (" not in wider.stderr  # the 0.125 settings are reported, not run
+    results = json.loads((workdir / "results.json").read_text())
+    key = lambda r: json.dumps(r, sort_keys=True)
+    assert sorted(results["rows"], key=key) == sorted(rows, key=key)  # grid order differs; the rows do not
+    assert sorted(results["summary"]["not_run"]) == ["full-clean-end-0.125", "full-dirty-end-0.125", "lora-clean-end-0.125",
+                                                     "lora-dirty-end-0.125"]
+    assert "not run (study.report_only): 4 of 10 settings" in (workdir / "report.md").read_text()
+
+
+def test_grid_drops_repeated_values():
+    import sys
+
+    sys.path.insert(0, str(repo_root() / "recipes"))
+    from attack_study import get_config
+
+    from bdjax.jobs.attack_study import settings
+
+    c = get_config()
+    c.study.modes, c.study.label_modes, c.study.locations = ("lora",), ("dirty", "dirty"), ("end",)
+    c.study.rates = (0.05, 0.01, 0.05)  # as `--config.study.rates=(0.05,) --config.study.rates=(0.01, 0.05)` gives
+    names = [s.workdir.split("/")[-1] for s in settings(c)]
+    assert names == ["lora-clean", "lora-dirty-end-0.05", "lora-dirty-end-0.01"]

@@ -5,7 +5,9 @@ the same training set, fine-tune, and measure CACC/ASR on the training domain (w
 test-time variants) and on every transfer domain. The model, data and placed params are loaded
 once; runs that differ only in the rate share compiled train steps, and every run shares the
 compiled evaluation. Each finished setting is kept in `workdir/settings/<name>/rows.json`, so
-an interrupted study skips what it has already done (and resumes a setting from its checkpoints).
+an interrupted study skips what it has already done (and resumes a setting from its checkpoints);
+with `study.report_only` it trains nothing and reports the finished settings of the grid, naming
+the ones not run.
 
 Writes `results.json` (one row per model × domain × variant, each with `location`, `rate`,
 `label_mode`, `mode`, `domain`, `variant`, `cacc`, `asr`), `report.md` (the lowest rate reaching
@@ -36,8 +38,10 @@ COLUMNS = ["mode", "label_mode", "location", "rate", "domain", "variant", "detai
 
 
 def settings(config) -> list[ml_collections.ConfigDict]:
-    """One config per grid point (rate 0, the clean reference, once per mode)."""
+    """One config per grid point (rate 0, the clean reference, once per mode). A value given twice
+    on an axis (ml_collections appends a repeated tuple flag) is one grid point, not two."""
     st = config.study
+    axes = [tuple(dict.fromkeys(getattr(st, k))) for k in ("modes", "label_modes", "locations", "rates")]
     for m in st.modes:
         if m not in MODES:
             raise ConfigError(f"study.modes entry {m!r} must be one of {MODES}")
@@ -46,9 +50,9 @@ def settings(config) -> list[ml_collections.ConfigDict]:
     for r in st.rates:
         poison.poison_count(r, 1)
     out = []
-    grid = [(m, lm, loc, r) for m in st.modes for lm in st.label_modes for loc in st.locations for r in st.rates]
+    grid = list(itertools.product(*axes))
     if st.get("clean_reference", True):
-        grid = [(m, "dirty", config.poison.location, 0.0) for m in st.modes] + grid
+        grid = [(m, "dirty", config.poison.location, 0.0) for m in axes[0]] + grid
     for mode, label_mode, location, rate in grid:
         c = copy.deepcopy(config)
         with c.unlocked():
@@ -86,10 +90,14 @@ def run(config: ml_collections.ConfigDict) -> dict:
     poisoned = [backdoor.poisoned_set(c, s) for c in grid]  # every setting is valid before the first fine-tune
     step_cache: dict = {}
     rows: list[dict] = []
+    not_run: list[str] = []
     for c, ps in zip(grid, poisoned):
         done = Path(c.workdir) / "rows.json"
         if done.exists():
             rows += json.loads(done.read_text())
+            continue
+        if config.study.get("report_only", False):
+            not_run.append(Path(c.workdir).name)
             continue
         result = backdoor.attack(c, s, poisoned=ps, step_cache=step_cache)
         for r in result["rows"]:
@@ -101,7 +109,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     threshold = config.study.get("asr_threshold", 0.9)
     lowest = lowest_effective_rates(rows, config.data.source, threshold)
     summary = {"settings": len(grid), "rows": len(rows), "total_seconds": time.perf_counter() - started,
-               "lowest_effective_rates": lowest, "asr_threshold": threshold}
+               "lowest_effective_rates": lowest, "asr_threshold": threshold, "not_run": not_run}
     if is_main():
         out = Path(config.workdir)
         main_rows = [r for r in rows if r["domain"] == config.data.source and r["variant"] == "clean"]
@@ -125,6 +133,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
                                                         for m, r in clean.items()),
                  "variants: moved / partial / synonym triggers at test time; domains other than "
                  f"{config.data.source} are transfer", "plots: asr_vs_rate.png, cacc_vs_asr.png"]
+        if not_run:
+            notes.append(f"not run (study.report_only): {len(not_run)} of {len(grid)} settings: {', '.join(not_run)}")
         write_report(out, rows, config.to_dict(), title="Attack study", columns=COLUMNS, notes=notes,
                      extra={"summary": summary})
         print("\n" + (out / "report.md").read_text())

@@ -13,7 +13,13 @@ send the mix, which reads twice the bytes, to the disk), and the best time of ea
 (issue): peak RSS of the two sizes within 25%, mix throughput >= 50% of the copy's on the large
 pair. The times vary with the load on the machine: the `*_runs` keys and `load_avg` show how much.
 
+The inputs are written as bdjax writes checkpoints (data sections 64-byte aligned, so the mix maps
+each tensor in place); `--hf-layout` writes them as the `safetensors` library does (8-byte aligned,
+read with plain file I/O instead). The mix writes its output around the page cache (O_DIRECT);
+`--buffered` writes through it, as the copy does.
+
     python benchmarks/defend_stream.py [--small-gb 0.5] [--large-gb 4] [--repeats 3] [--workdir DIR]
+                                       [--hf-layout] [--buffered]
 
 The checkpoints are written once, tensor by tensor, under --workdir (default
 ~/.cache/bdjax/bench_defend_stream) and reused while their description matches; outputs are
@@ -80,11 +86,11 @@ def _tensor(i: int, shape: tuple[int, ...], backdoored: bool) -> np.ndarray:
     return x
 
 
-def build(path: Path, config: ModelConfig, backdoored: bool) -> None:
-    """An HF directory (config.json, 1 GiB shards, index), written one tensor at a time; kept if
-    one with the same description is already there."""
+def build(path: Path, config: ModelConfig, backdoored: bool, align: int) -> None:
+    """An HF directory (config.json, 1 GiB shards, index), written one tensor at a time, its data
+    sections `align`-byte aligned; kept if one with the same description is already there."""
     desc = {"version": VERSION, "backdoored": backdoored, "config": config.to_hf(),
-            "bytes": checkpoint_bytes(config)}
+            "bytes": checkpoint_bytes(config), "align": align}
     marker = path / "bench.json"
     if marker.is_file() and json.loads(marker.read_text()) == desc:
         return
@@ -105,7 +111,7 @@ def build(path: Path, config: ModelConfig, backdoored: bool) -> None:
     for s, shard in enumerate(shards):
         fname = f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors"
         write_stream(path / fname, [(name, np.float32, shape) for _, name, shape in shard],
-                     (_tensor(i, shape, backdoored) for i, _, shape in shard))
+                     (_tensor(i, shape, backdoored) for i, _, shape in shard), align=align)
         weight_map.update({name: fname for _, name, _ in shard})
     (path / INDEX).write_text(json.dumps({"metadata": {"total_size": checkpoint_bytes(config)},
                                           "weight_map": weight_map}, indent=2))
@@ -161,22 +167,26 @@ def child(args) -> None:
 
         t = fine_mix(KEEP, mode=args.child)
         begin = time.perf_counter()
-        stream_defense([t], args.src, args.pre, out, jax.random.key(0))
+        stream_defense([t], args.src, args.pre, out, jax.random.key(0), direct=not args.buffered)
         seconds = time.perf_counter() - begin
     print(json.dumps({"seconds": seconds, "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def run_child(kind: str, src: Path, out: Path, pre: Path | None = None, default_malloc: bool = False) -> dict:
+def run_child(kind: str, src: Path, out: Path, pre: Path | None = None, default_malloc: bool = False,
+              buffered: bool = False) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--src", str(src), "--out", str(out)]
     if pre is not None:
         cmd += ["--pre", str(pre)]
     if default_malloc:
         cmd.append("--default-malloc")
+    if buffered:
+        cmd.append("--buffered")
     try:
         res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
-        if dir_bytes(out) != dir_bytes(src):
-            raise RuntimeError(f"{out} holds {dir_bytes(out)} bytes, {src} {dir_bytes(src)}")
+        for f in src.iterdir():  # the same files; a safetensors header may be padded differently (< 64 bytes)
+            if f.is_file() and not 0 <= (out / f.name).stat().st_size - f.stat().st_size < 64:
+                raise RuntimeError(f"{out / f.name} holds {(out / f.name).stat().st_size} bytes, {f} {f.stat().st_size}")
     finally:
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(out.with_name(f".{out.name}.tmp"), ignore_errors=True)
@@ -185,7 +195,7 @@ def run_child(kind: str, src: Path, out: Path, pre: Path | None = None, default_
     return r
 
 
-def measure(pair: tuple[Path, Path], out: Path, repeats: int, default_malloc: bool) -> dict:
+def measure(pair: tuple[Path, Path], out: Path, repeats: int, default_malloc: bool, buffered: bool) -> dict:
     bd, pre = pair
     copies, mixes = [], []
     for _ in range(repeats):  # inputs re-read just before each run: the page cache may drop idle pages
@@ -193,7 +203,7 @@ def measure(pair: tuple[Path, Path], out: Path, repeats: int, default_malloc: bo
         copies.append(run_child("copy", bd, out))
         warm(bd)
         warm(pre)
-        mixes.append(run_child("random", bd, out, pre, default_malloc))
+        mixes.append(run_child("random", bd, out, pre, default_malloc, buffered))
     nbytes = dir_bytes(bd)
     copy_s = min(r["seconds"] for r in copies)
     mix_s = min(r["seconds"] for r in mixes)
@@ -213,8 +223,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="copy/mix alternations per size; the best time counts")
     ap.add_argument("--workdir", default=os.path.expanduser("~/.cache/bdjax/bench_defend_stream"))
     ap.add_argument("--no-selected", action="store_true", help="skip the mode='selected' run on the small pair")
+    ap.add_argument("--hf-layout", action="store_true",
+                    help="write the inputs as the safetensors library does (data 8-byte aligned), so that "
+                         "tensors are read with plain file I/O rather than mapped in place")
     ap.add_argument("--default-malloc", action="store_true",
                     help="do not apply bdjax.runtime.reuse_freed_memory() in the mixing process (the CLI does)")
+    ap.add_argument("--buffered", action="store_true",
+                    help="write the mixed checkpoint through the page cache (stream_defense(direct=False))")
     ap.add_argument("--child", choices=("copy", "random", "selected"), help=argparse.SUPPRESS)
     ap.add_argument("--src", help=argparse.SUPPRESS)
     ap.add_argument("--pre", help=argparse.SUPPRESS)
@@ -227,12 +242,14 @@ def main() -> None:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     small, large = config_for(args.small_gb), config_for(args.large_gb)
+    align = 8 if args.hf_layout else 64
+    dirs = {name: f"{name}-align{align}" for name in ("small", "large")}
     note = None
 
     def missing(config: ModelConfig, name: str) -> int:  # bytes still to write for a pair
         total = 0
         for which in ("backdoored", "pretrained"):
-            marker = work / name / which / "bench.json"
+            marker = work / dirs[name] / which / "bench.json"
             ok = marker.is_file() and json.loads(marker.read_text()).get("bytes") == checkpoint_bytes(config)
             total += 0 if ok else checkpoint_bytes(config)
         return total
@@ -240,7 +257,7 @@ def main() -> None:
     free = shutil.disk_usage(work).free
     need = missing(small, "small") + missing(large, "large") + checkpoint_bytes(large)  # + one output at a time
     if need * 1.05 > free:
-        shutil.rmtree(work / "large", ignore_errors=True)  # rebuilt smaller below
+        shutil.rmtree(work / dirs["large"], ignore_errors=True)  # rebuilt smaller below
         budget = (free - missing(small, "small")) / 3 / 1.05
         requested = args.large_gb
         large = config_for(budget / GB)
@@ -252,16 +269,17 @@ def main() -> None:
 
     pairs = {}
     for name, config in (("small", small), ("large", large)):
-        pairs[name] = (work / name / "backdoored", work / name / "pretrained")
-        build(pairs[name][0], config, backdoored=True)
-        build(pairs[name][1], config, backdoored=False)
+        pairs[name] = (work / dirs[name] / "backdoored", work / dirs[name] / "pretrained")
+        build(pairs[name][0], config, backdoored=True, align=align)
+        build(pairs[name][1], config, backdoored=False, align=align)
     out = work / "out"
-    res = {name: measure(pairs[name], out, args.repeats, args.default_malloc) for name in ("small", "large")}
+    res = {name: measure(pairs[name], out, args.repeats, args.default_malloc, args.buffered)
+           for name in ("small", "large")}
     selected = None
     if not args.no_selected:
         warm(pairs["small"][0])
         warm(pairs["small"][1])
-        r = run_child("selected", pairs["small"][0], out, pairs["small"][1], args.default_malloc)
+        r = run_child("selected", pairs["small"][0], out, pairs["small"][1], args.default_malloc, args.buffered)
         selected = {"small_selected_s": round(r["seconds"], 3),
                     "small_selected_gbps": round(res["small"]["gb"] / r["seconds"], 3),
                     "small_selected_rss_mb": round(r["maxrss_mb"], 1)}
@@ -273,11 +291,11 @@ def main() -> None:
             "small_gb": s["gb"], "large_gb": l["gb"], "small_layers": small.num_layers,
             "large_layers": large.num_layers, "largest_tensor_mb": round(32000 * 1024 * 4 / 1e6, 1),
             "small_rss_mb": s["rss_mb"], "large_rss_mb": l["rss_mb"], "rss_ratio": round(ratio, 3),
-            "throughput_vs_copy": round(vs_copy, 3),
+            "throughput_vs_copy": round(vs_copy, 3), "input_alignment": align,
             "rss_within_25pct": bool(abs(ratio - 1) < 0.25), "throughput_ok": bool(vs_copy >= 0.5),
             **{f"small_{k}": v for k, v in s.items() if k not in ("gb", "rss_mb")},
             **{f"large_{k}": v for k, v in l.items() if k not in ("gb", "rss_mb")},
-            **(selected or {}), "repeats": args.repeats, "reuse_freed_memory": not args.default_malloc,
+            **(selected or {}), "direct_writes": not args.buffered, "repeats": args.repeats, "reuse_freed_memory": not args.default_malloc,
             "cpu_count": os.cpu_count(), "load_avg": [round(x, 2) for x in load_before + os.getloadavg()[:1]],
             "jax_version": jax_version()}
     if note:

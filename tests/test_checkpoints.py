@@ -1,6 +1,8 @@
 """HF safetensors directories: bitwise round trips, shards, transformers compatibility, bad input."""
 
+import errno
 import json
+import os
 import shutil
 
 import jax
@@ -137,25 +139,55 @@ def test_tensorfile_reads_what_safetensors_writes(tmp_path):
         assert np.array_equal(tf.tensor(k), v) and tf.tensor(k).dtype == v.dtype
 
 
-def test_plain_reads_equal_the_memory_map_for_every_dtype(tmp_path):
+@pytest.mark.parametrize("align", [64, 8])
+def test_streaming_reads_equal_the_memory_map_for_every_dtype(tmp_path, align):
+    import jax
     import ml_dtypes
 
-    from bdjax.checkpoints.tensorfile import TensorFile, write_file
+    from bdjax.checkpoints.tensorfile import TensorFile, write_stream
 
-    arrays = {"bf16": (np.arange(12).reshape(3, 4) / 7).astype(ml_dtypes.bfloat16),
-              "f32": np.linspace(-1, 1, 10, dtype=np.float32), "i8": np.arange(-4, 4, dtype=np.int8),
-              "empty": np.zeros((0, 3), np.float16)}
-    write_file(tmp_path / "m.safetensors", list(arrays.items()))
+    arrays = {"f32": np.linspace(-1, 1, 10, dtype=np.float32),  # first: its data starts where the section does
+              "bf16": (np.arange(12).reshape(3, 4) / 7).astype(ml_dtypes.bfloat16),
+              "i8": np.arange(-4, 4, dtype=np.int8), "empty": np.zeros((0, 3), np.float16)}
+    write_stream(tmp_path / "m.safetensors", [(k, a.dtype, a.shape) for k, a in arrays.items()], arrays.values(),
+                 align=align)
     f = TensorFile(tmp_path / "m.safetensors")
+    assert (f._start % 64 == 0) == (align == 64)
     for name, a in arrays.items():
         got = f.read(name)
         assert got.dtype == a.dtype and np.array_equal(got, a) and np.array_equal(f.tensor(name), a)
-        assert got.size == 0 or got.ctypes.data % 64 == 0  # aligned: JAX on CPU uses it in place
-        assert got.flags.writeable
-    import jax
-
+        assert got.size == 0 or got.ctypes.data % 64 == 0 or (f._start + f.entries[name][2]) % 64
+    # 64-byte-aligned data (what bdjax writes): a read-only view of the file's pages; otherwise an
+    # aligned private copy. JAX on CPU uses either in place.
     x = f.read("f32")
+    assert x.flags.writeable == (align != 64)
     assert jax.device_put(x).unsafe_buffer_pointer() == x.ctypes.data
+
+
+@pytest.mark.parametrize("refused", [False, True])
+def test_direct_writes_give_the_same_file_as_buffered_ones(tmp_path, monkeypatch, refused):
+    """O_DIRECT through the staging buffer (several flushes and a padded, then cut, last block),
+    and the ordinary writes it falls back to where the file system refuses O_DIRECT."""
+    from bdjax.checkpoints import tensorfile
+    from bdjax.checkpoints.tensorfile import write_stream
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal(n, np.float32) for n in (3, tensorfile._STAGE // 4 + 1001, 5, 2 * tensorfile._STAGE // 4)]
+    entries = [(f"t{i}", a.dtype, a.shape) for i, a in enumerate(arrays)]
+    write_stream(tmp_path / "plain.safetensors", entries, iter(arrays))
+    if refused:  # as on a file system without O_DIRECT: open() says EINVAL
+        real_open = os.open
+
+        def no_direct(path, flags, *a):
+            if flags & getattr(os, "O_DIRECT", 0):
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_open(path, flags, *a)
+        monkeypatch.setattr(tensorfile.os, "open", no_direct)
+    write_stream(tmp_path / "direct.safetensors", entries, iter(arrays), direct=True)
+    assert (tmp_path / "direct.safetensors").read_bytes() == (tmp_path / "plain.safetensors").read_bytes()
+    assert (tmp_path / "direct.safetensors").stat().st_size % tensorfile._BLOCK  # the padding was cut off
+    with pytest.raises(OSError):  # a failing direct write surfaces in the caller too
+        write_stream("/dev/full", entries, iter(arrays), direct=True)
 
 
 def test_streamed_write_reports_a_bad_tensor_and_a_failing_producer(tmp_path):

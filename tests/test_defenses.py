@@ -7,6 +7,7 @@ import pytest
 
 from bdjax import defenses, lora, regularize
 from bdjax.checkpoints import load_hf_dir, save_hf_dir
+from bdjax.checkpoints.layout import tensor_path
 from bdjax.checkpoints.stream import stream_defense
 from bdjax.defenses.base import iter_tensors, leaves_with_paths
 from bdjax.defenses.mixing import global_threshold
@@ -152,6 +153,32 @@ def test_streamed_over_files_equals_in_memory(tmp_path, pair, name):
     _, streamed, _ = load_hf_dir(tmp_path / "out", with_tokenizer=False)
     expected = defenses.chain(*transforms)(bd, pretrained=pre, key=key)
     assert _equal(streamed, expected)
+
+
+def test_streaming_compiles_one_program_per_kind_and_shape(tmp_path, pair):
+    """A tensor's name reaches its program only as arguments: one program serves a path in every
+    layer, and paths of one kind and shape share the compiled module."""
+    from bdjax.checkpoints.stream import _Programs, _Tensors
+
+    bd, pre = pair
+    save_hf_dir(tmp_path / "bd", CONFIG, bd)
+    save_hf_dir(tmp_path / "pre", CONFIG, pre)
+    b, p = _Tensors(tmp_path / "bd"), _Tensors(tmp_path / "pre")
+    programs = _Programs(CONFIG, (defenses.fine_mix(0.5),), b, p)
+    keys = [jax.random.key(3)]
+    try:
+        calls = {name: programs.get(name, 1, True, keys, [None]) for name in b.where}
+        paths = {k[0] for k in programs.by_path}
+        assert len(paths) == len({tensor_path(CONFIG, n) for n in b.where})
+        assert len(programs.by_module) < len(paths)
+        module = {name: programs.by_tensor[name, 1, True][0] for name in b.where}
+        assert module["model.layers.0.mlp.gate_proj.weight"] is module["model.layers.1.mlp.up_proj.weight"]
+        name = "model.layers.1.mlp.up_proj.weight"  # and the shared program still keys by the name
+        want = defenses.fine_mix(0.5)(bd, pretrained=pre, key=keys[0])
+        np.testing.assert_array_equal(np.asarray(calls[name](b[name], p[name])),
+                                      np.asarray(want["layers"]["mlp"]["up"]["kernel"][1]).T)
+    finally:
+        programs.close()
 
 
 def test_streaming_refuses_a_vocabulary_mismatch_and_writes_nothing(tmp_path, pair):

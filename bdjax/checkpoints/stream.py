@@ -10,8 +10,10 @@ Statistics a transform needs (e.g. a global mixing threshold) are gathered in ex
 
 from __future__ import annotations
 
+import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -20,7 +22,7 @@ import numpy as np
 from bdjax.checkpoints.hf import INDEX, weight_files
 from bdjax.checkpoints.layout import tensor_codec, tensor_path
 from bdjax.checkpoints.tensorfile import TensorFile, write_stream
-from bdjax.defenses.base import Elementwise, TensorItem, tensor_key
+from bdjax.defenses.base import Elementwise, TensorItem, path_crc, tensor_key_from_crc
 from bdjax.errors import CheckpointError
 from bdjax.io import staged_dir
 from bdjax.models.config import ModelConfig
@@ -34,7 +36,7 @@ class _Tensors:
         self.where = {name: f for f in self.files for name in f.keys()}
 
     def __getitem__(self, name: str) -> np.ndarray:
-        return self.where[name].read(name)  # a copy: no file pages stay mapped (resident) after use
+        return self.where[name].read(name)  # nothing of it stays resident once dropped
 
 
 def _check_pair(config: ModelConfig, pre_config: ModelConfig, bd: _Tensors, pre: _Tensors) -> None:
@@ -52,10 +54,67 @@ def _check_pair(config: ModelConfig, pre_config: ModelConfig, bd: _Tensors, pre:
                                   "not the same architecture")
 
 
+def _touched(config: ModelConfig, transforms: Sequence[Elementwise], name: str) -> bool:
+    path = tensor_path(config, name)
+    return path is not None and any(t.touches(path) for t in transforms)
+
+
+class _Programs:
+    """The jitted pipeline of each tensor: both layout conversions, the first `upto` transforms
+    with their per-tensor keys, and (for the output) the cast back to the file's dtype, fused by
+    XLA into one program.
+
+    A tensor's name enters its program only through arguments (the path's CRC and the layer tag
+    that make its key), so one program serves a path in every layer, and paths of one kind and
+    shape (q/k/v, gate/up, the norms) lower to the same module, compiled once. Compiling runs on
+    worker threads from when a program is first asked for, so the main thread goes on mixing."""
+
+    def __init__(self, config: ModelConfig, transforms: Sequence[Elementwise], bd: _Tensors, pre: _Tensors):
+        self.config, self.transforms, self.bd, self.pre = config, transforms, bd, pre
+        self.by_tensor: dict = {}  # (name, upto, to_file) -> (future of the executable, its key arguments)
+        self.by_path: dict = {}  # (path, upto, to_file, shapes and dtypes) -> future of the executable
+        self.by_module: dict[str, Future] = {}  # lowered module text -> its executable
+        self.pool = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)),
+                                       thread_name_prefix="bdjax-compile")
+
+    def get(self, name: str, upto: int, to_file: bool, keys: list, stats: list) -> Callable:
+        """fn(backdoored tensor, pretrained tensor), both in the files' layout."""
+        if (name, upto, to_file) not in self.by_tensor:
+            path, layer, to_ours, to_hf = tensor_codec(self.config, name)
+            structs = tuple((t.where[name].entries[name][1], t.where[name].entries[name][0])
+                            for t in (self.bd, self.pre))
+            cache_key = (path, upto, to_file, structs)
+            if cache_key not in self.by_path:
+                transforms = self.transforms[:upto]
+
+                def run(bd_hf, pre_hf, ks, sts, crc, tag):
+                    x, p = to_ours(bd_hf), to_ours(pre_hf)
+                    for t, k, st in zip(transforms, ks, sts):
+                        if t.touches(path):
+                            x = t.fn(path, x, p, tensor_key_from_crc(k, crc, tag), st).astype(x.dtype)
+                    return to_hf(x).astype(bd_hf.dtype) if to_file else (x, p)
+
+                args = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in structs]
+                lowered = jax.jit(run).lower(*args, keys, stats, np.uint32(0), np.uint32(0))
+                text = lowered.as_text()
+                if text not in self.by_module:
+                    self.by_module[text] = self.pool.submit(lowered.compile)
+                self.by_path[cache_key] = self.by_module[text]
+            extra = (np.uint32(path_crc(path)), np.uint32(0 if layer is None else layer + 1))
+            self.by_tensor[name, upto, to_file] = (self.by_path[cache_key], extra)
+        future, extra = self.by_tensor[name, upto, to_file]
+        return lambda b, p: future.result()(b, p, keys, stats, *extra)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def stream_defense(transforms: Sequence[Elementwise], backdoored: str | Path, pretrained: str | Path,
-                   out: str | Path, key: jax.Array) -> Path:
+                   out: str | Path, key: jax.Array, *, direct: bool = True) -> Path:
     """Write `transforms` (applied in order, transform i keyed by fold_in(key, i), as `chain` does)
-    of the backdoored checkpoint into the HF directory `out`; it appears only when complete."""
+    of the backdoored checkpoint into the HF directory `out`; it appears only when complete.
+    `direct`: write the weights around the page cache where the file system allows it
+    (`bdjax.checkpoints.tensorfile.write_stream`)."""
     backdoored, pretrained, out = Path(backdoored), Path(pretrained), Path(out)
     config = ModelConfig.from_file(backdoored / "config.json")
     pre_config = ModelConfig.from_file(pretrained / "config.json")
@@ -63,49 +122,46 @@ def stream_defense(transforms: Sequence[Elementwise], backdoored: str | Path, pr
     _check_pair(config, pre_config, bd, pre)
     keys = [jax.random.fold_in(key, i) for i in range(len(transforms))]
     names = [n for f in bd.files for n in f.keys()]
-    compiled: dict = {}
+    programs = _Programs(config, transforms, bd, pre)
+    try:
+        def pipeline(name: str, upto: int, to_file: bool):
+            return programs.get(name, upto, to_file, keys[:upto], stats[:upto])
 
-    def pipeline(name: str, upto: int, to_file: bool):
-        """One jitted function per (tensor kind, depth): both layout conversions, the transforms
-        with their per-tensor keys, and the cast back to the file's dtype, fused by XLA."""
-        path, layer, to_ours, to_hf = tensor_codec(config, name)
-        cache_key = (path, upto, to_file)
-        if cache_key not in compiled:
-            def run(bd_hf, pre_hf, ks, sts, tag):
-                x, p = to_ours(bd_hf), to_ours(pre_hf)
-                for t, k, st in zip(transforms[:upto], ks, sts):
-                    if t.touches(path):
-                        x = t.fn(path, x, p, tensor_key(k, path, tag), st).astype(x.dtype)
-                return to_hf(x).astype(bd_hf.dtype) if to_file else (x, p)
-            compiled[cache_key] = jax.jit(run)
-        tag = np.uint32(0 if layer is None else layer + 1)
-        return lambda b, p: compiled[cache_key](b, p, keys[:upto], stats[:upto], tag)
+        def tensors_after(upto: int) -> Iterator[TensorItem]:
+            for name in names:
+                path = tensor_path(config, name)
+                if path is not None and transforms[upto].touches(path):  # stats see only what they act on
+                    x, p = pipeline(name, upto, False)(bd[name], pre[name])
+                    yield path, tensor_codec(config, name)[1], np.asarray(x), np.asarray(p)
 
-    def tensors_after(upto: int) -> Iterator[TensorItem]:
-        for name in names:
-            path = tensor_path(config, name)
-            if path is not None and transforms[upto].touches(path):  # stats see only what they act on
-                x, p = pipeline(name, upto, False)(bd[name], pre[name])
-                yield path, tensor_codec(config, name)[1], np.asarray(x), np.asarray(p)
+        stats: list = []
+        for i, t in enumerate(transforms):
+            stats.append(t.gather(lambda i=i: tensors_after(i)))
+        mixed = [n for n in names if _touched(config, transforms, n)]
+        for name in mixed:  # compiled on worker threads while the tensors before them are read and mixed
+            pipeline(name, len(transforms), True)
 
-    stats: list = []
-    for i, t in enumerate(transforms):
-        stats.append(t.gather(lambda i=i: tensors_after(i)))
+        def inputs(name: str) -> tuple:
+            return (bd[name], pre[name]) if _touched(config, transforms, name) else (bd[name],)
 
-    def arrays(f: TensorFile) -> Iterator[np.ndarray]:
-        for name in f.keys():
-            path = tensor_path(config, name)
-            if path is None or not any(t.touches(path) for t in transforms):
-                yield f.read(name)  # byte-for-byte
-            else:
-                yield np.asarray(pipeline(name, len(transforms), True)(bd[name], pre[name]))
+        def arrays(f: TensorFile) -> Iterator[np.ndarray]:
+            names = f.keys()
+            ahead = reader.submit(inputs, names[0]) if names else None
+            for i, name in enumerate(names):
+                got = ahead.result()  # read on the reader thread while the previous tensor was mixed
+                ahead = reader.submit(inputs, names[i + 1]) if i + 1 < len(names) else None
+                new = got[0] if len(got) == 1 else np.asarray(pipeline(name, len(transforms), True)(*got))
+                del got  # inputs released before waiting on the writer
+                yield new
 
-    with staged_dir(out) as tmp:
-        for f in bd.files:
-            entries = [(name, *f.entries[name][:2]) for name in f.keys()]
-            write_stream(tmp / f.path.name, entries, arrays(f), metadata=f.metadata)
-        for extra in backdoored.iterdir():  # config, index, tokenizer: everything but the weights
-            if extra.is_file() and extra.suffix != ".safetensors" and (extra.suffix in (".json", ".jinja", ".txt")
-                                                                        or extra.name == INDEX):
-                shutil.copyfile(extra, tmp / extra.name)
+        with ThreadPoolExecutor(1, thread_name_prefix="bdjax-read") as reader, staged_dir(out) as tmp:
+            for f in bd.files:
+                entries = [(name, *f.entries[name][:2]) for name in f.keys()]
+                write_stream(tmp / f.path.name, entries, arrays(f), metadata=f.metadata, direct=direct)
+            for extra in backdoored.iterdir():  # config, index, tokenizer: everything but the weights
+                if extra.is_file() and extra.suffix != ".safetensors" and (extra.suffix in (".json", ".jinja", ".txt")
+                                                                            or extra.name == INDEX):
+                    shutil.copyfile(extra, tmp / extra.name)
+    finally:
+        programs.close()
     return out

@@ -9,8 +9,12 @@ data_offsets}}, then the raw bytes.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import math
+import mmap
+import os
 import queue
 import threading
 from collections.abc import Iterable, Iterator
@@ -78,14 +82,28 @@ class TensorFile:
         return list(self.entries)
 
     def read(self, name: str) -> np.ndarray:
-        """A private copy of one tensor, read with plain file I/O. Unlike `tensor`, nothing stays
-        mapped afterwards, so streaming a large checkpoint keeps the resident set small. The copy
-        is 64-byte aligned, so JAX on CPU uses it in place instead of copying it again."""
+        """One tensor, for a pass that uses each tensor once: nothing of it stays resident once the
+        array is dropped, so streaming a large checkpoint keeps the resident set small. A tensor
+        whose bytes start 64-byte aligned in the file (every file bdjax writes) comes as a read-only
+        view of its own memory map, which JAX on CPU uses in place: the page cache's pages, never
+        copied. Any other comes as a private copy read with plain file I/O into a 64-byte-aligned
+        buffer, which JAX also uses in place instead of copying it again."""
         dtype, shape, begin, end = self.entries[name]
+        offset = self._start + begin
+        if begin == end:
+            return np.zeros(shape, dtype)
+        if offset % 64 == 0:
+            base = offset - offset % mmap.ALLOCATIONGRANULARITY
+            try:
+                with open(self.path, "rb") as f:
+                    m = mmap.mmap(f.fileno(), offset + (end - begin) - base, access=mmap.ACCESS_READ, offset=base)
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"cannot map tensor {name!r} of {self.path}: {e}") from None
+            return np.frombuffer(m, dtype, math.prod(shape), offset - base).reshape(shape)
         out = aligned_empty(shape, dtype)
         view = memoryview(out.reshape(-1).view(np.uint8))
         with open(self.path, "rb", buffering=0) as f:
-            f.seek(self._start + begin)
+            f.seek(offset)
             for start in range(0, len(view), _IO_CHUNK):
                 piece = view[start:start + _IO_CHUNK]
                 if f.readinto(piece) != len(piece):
@@ -118,11 +136,21 @@ def write_file(path: str | Path, tensors: Iterable[tuple[str, np.ndarray]], meta
 
 
 def write_stream(path: str | Path, entries: list[tuple[str, np.dtype, tuple[int, ...]]],
-                 arrays: Iterable[np.ndarray], metadata: dict[str, str] | None = None) -> None:
+                 arrays: Iterable[np.ndarray], metadata: dict[str, str] | None = None, *,
+                 direct: bool = False, align: int = 64) -> None:
     """Write a safetensors file whose tensors (name, dtype, shape) are known up front and whose
     arrays arrive one at a time, in the same order. A writer thread puts each array's bytes on
     disk while the next one is produced (file writes release the GIL), so at most three are held:
-    one being written, one queued, one being made."""
+    one being written, one queued, one being made.
+
+    `direct=True` writes around the page cache (O_DIRECT, through an aligned staging buffer) where
+    the file system allows it, and falls back to ordinary writes where it does not: the file is on
+    disk when this returns, and writing it needs no fresh page-cache memory, which on a VM whose
+    host reclaims freed guest memory costs more than the disk (`benchmarks/defend_stream.py`).
+    The data section starts `align`-byte aligned (64: `TensorFile.read` maps such tensors in place;
+    the `safetensors` library itself aligns to 8)."""
+    if align <= 0 or align % 8:
+        raise ValueError(f"align={align} must be a positive multiple of 8")
     header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
     offset = 0
     for name, dtype, shape in entries:
@@ -133,38 +161,98 @@ def write_stream(path: str | Path, entries: list[tuple[str, np.dtype, tuple[int,
         header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        with _BackgroundWriter(f) as writer:
-            it = iter(arrays)
-            for name, dtype, shape in entries:
-                arr = next(it)
-                if arr.dtype != np.dtype(dtype) or tuple(arr.shape) != tuple(shape):
-                    raise CheckpointError(f"tensor {name!r} came out as {arr.dtype}{tuple(arr.shape)}, "
-                                          f"not the announced {np.dtype(dtype)}{tuple(shape)}")
-                writer.put(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))  # bytes of any dtype (bf16 too)
+    blob += b" " * (-(8 + len(blob)) % align)
+    with _BackgroundWriter(path, direct) as writer:
+        writer.put(np.frombuffer(len(blob).to_bytes(8, "little") + blob, np.uint8))
+        it = iter(arrays)
+        for name, dtype, shape in entries:
+            arr = next(it)
+            if arr.dtype != np.dtype(dtype) or tuple(arr.shape) != tuple(shape):
+                raise CheckpointError(f"tensor {name!r} came out as {arr.dtype}{tuple(arr.shape)}, "
+                                      f"not the announced {np.dtype(dtype)}{tuple(shape)}")
+            writer.put(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))  # bytes of any dtype (bf16 too)
+
+
+_BLOCK = 4096  # O_DIRECT transfers: buffer address, file offset and length in multiples of this
+_STAGE = 8 * 2**20
 
 
 class _BackgroundWriter:
-    """Writes queued byte arrays to a file, in order, on its own thread; an error there is
-    raised in the caller at the next `put` or at exit."""
+    """Writes queued byte arrays to a new file, in order, on its own thread; an error there is
+    raised in the caller at the next `put` or at exit. With `direct`, bytes gather in an aligned
+    staging buffer written whole with O_DIRECT; the last partial block is padded, then cut off."""
 
-    def __init__(self, f):
-        self.f, self.error = f, None
+    def __init__(self, path: str | Path, direct: bool):
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+        self.fd = -1
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                self.fd = os.open(path, flags | os.O_DIRECT, 0o666)
+            except OSError as e:
+                if e.errno != errno.EINVAL:  # EINVAL: this file system does not do O_DIRECT
+                    raise
+        self.direct = self.fd >= 0
+        if not self.direct:
+            self.fd = os.open(path, flags, 0o666)
+        self.stage = aligned_empty((_STAGE,), np.uint8, _BLOCK) if self.direct else None
+        self.fill = self.size = 0
+        self.error: BaseException | None = None
         self.queue: queue.Queue = queue.Queue(maxsize=1)
         self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _write(self, view: memoryview) -> None:
+        while len(view):
+            try:
+                n = os.write(self.fd, view)
+            except OSError as e:
+                if not (self.direct and e.errno == errno.EINVAL and self.size == 0):
+                    raise
+                # accepted at open, refused at the first write (e.g. some FUSE mounts): write normally
+                fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                self.direct = False
+                continue
+            self.size += n
+            view = view[n:]
+
+    def _flush_stage(self, final: bool) -> None:
+        n = self.fill
+        if final and n % _BLOCK:
+            padded = n + (-n % _BLOCK)
+            self.stage[n:padded] = 0
+            self._write(memoryview(self.stage)[:padded])
+            self.size -= padded - n
+            os.ftruncate(self.fd, self.size)
+        elif n:
+            self._write(memoryview(self.stage)[:n])
+        self.fill = 0
+
+    def _take(self, data: np.ndarray) -> None:
+        if self.stage is None:
+            view = memoryview(data)
+            for start in range(0, len(view), _IO_CHUNK):
+                self._write(view[start:start + _IO_CHUNK])
+            return
+        start = 0
+        while start < data.size:
+            n = min(_STAGE - self.fill, data.size - start)
+            self.stage[self.fill:self.fill + n] = data[start:start + n]
+            self.fill += n
+            start += n
+            if self.fill == _STAGE:
+                self._flush_stage(False)
 
     def _run(self) -> None:
         while (data := self.queue.get()) is not None:
             if self.error is None:
                 try:
-                    view = memoryview(data)
-                    for start in range(0, len(view), _IO_CHUNK):
-                        self.f.write(view[start:start + _IO_CHUNK])
+                    self._take(data)
                 except BaseException as e:  # noqa: BLE001  (re-raised in the caller)
                     self.error = e
+        if self.error is None and self.stage is not None:
+            try:
+                self._flush_stage(True)
+            except BaseException as e:  # noqa: BLE001
+                self.error = e
 
     def put(self, data: np.ndarray) -> None:
         self._check()
@@ -181,6 +269,7 @@ class _BackgroundWriter:
     def __exit__(self, *exc) -> None:
         self.queue.put(None)
         self.thread.join()
+        os.close(self.fd)
         if exc[0] is None:
             self._check()
 

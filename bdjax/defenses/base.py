@@ -101,9 +101,18 @@ class Elementwise:
         return out
 
 
+def path_crc(path: str) -> int:
+    return zlib.crc32(path.encode())
+
+
 def tensor_key(key: jax.Array, path: str, tag) -> jax.Array:
     """The key of one tensor: from its path and tag (layer + 1, or 0 for an unstacked tensor)."""
-    return jax.random.fold_in(jax.random.fold_in(key, zlib.crc32(path.encode())), tag)
+    return tensor_key_from_crc(key, path_crc(path), tag)
+
+
+def tensor_key_from_crc(key: jax.Array, crc, tag) -> jax.Array:
+    """`tensor_key` with the path given as its CRC-32, which may be a traced value."""
+    return jax.random.fold_in(jax.random.fold_in(key, crc), tag)
 
 
 @functools.cache

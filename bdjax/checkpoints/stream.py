@@ -1,11 +1,13 @@
 """Run elementwise defenses on checkpoint files, one tensor at a time.
 
-`stream_defense` reads the backdoored and pretrained HF safetensors directories through memory
-maps, and for each tensor converts both to bdjax's layout, applies the transforms in order
+`stream_defense` reads the backdoored and pretrained HF safetensors directories one tensor at a
+time (mapped in place where aligned, `TensorFile.read`; the next tensor on a reader thread), and
+for each tensor converts both to bdjax's layout, applies the transforms in order
 (`bdjax.defenses.base.Elementwise`, keyed by the tensor's name exactly as in memory) and writes
-the result into an output file with the same shard layout. Peak memory is a few copies of the
-largest tensor, whatever the model's size; tensors no transform touches are copied byte for byte.
-Statistics a transform needs (e.g. a global mixing threshold) are gathered in extra passes first.
+the result into an output file with the same shard layout (on a writer thread, with O_DIRECT where
+the file system allows). Peak memory is a few copies of the largest tensor, whatever the model's
+size; tensors no transform touches are copied byte for byte. Statistics a transform needs (e.g. a
+global mixing threshold) are gathered in extra passes first. Timings: `benchmarks/defend_stream.py`.
 """
 
 from __future__ import annotations

@@ -124,38 +124,39 @@ def stream_defense(transforms: Sequence[Elementwise], backdoored: str | Path, pr
     _check_pair(config, pre_config, bd, pre)
     keys = [jax.random.fold_in(key, i) for i in range(len(transforms))]
     names = [n for f in bd.files for n in f.keys()]
+    mixed = {n for n in names if _touched(config, transforms, n)}
+
+    def pipeline(name: str, upto: int, to_file: bool):
+        return programs.get(name, upto, to_file, keys[:upto], stats[:upto])
+
+    def tensors_after(upto: int) -> Iterator[TensorItem]:
+        for name in names:
+            path = tensor_path(config, name)
+            if path is not None and transforms[upto].touches(path):  # stats see only what they act on
+                x, p = pipeline(name, upto, False)(bd[name], pre[name])
+                yield path, tensor_codec(config, name)[1], np.asarray(x), np.asarray(p)
+
+    def inputs(name: str) -> tuple[np.ndarray, np.ndarray | None]:
+        return bd[name], (pre[name] if name in mixed else None)
+
+    def arrays(f: TensorFile) -> Iterator[np.ndarray]:
+        order = f.keys()
+        ahead = reader.submit(inputs, order[0]) if order else None
+        for i, name in enumerate(order):
+            x, p = ahead.result()  # read on the reader thread while the previous tensor was mixed
+            ahead = reader.submit(inputs, order[i + 1]) if i + 1 < len(order) else None
+            new = x if p is None else np.asarray(pipeline(name, len(transforms), True)(x, p))  # else byte-for-byte
+            del x, p  # inputs released before waiting on the writer
+            yield new
+
     programs = _Programs(config, transforms, bd, pre)
     try:
-        def pipeline(name: str, upto: int, to_file: bool):
-            return programs.get(name, upto, to_file, keys[:upto], stats[:upto])
-
-        def tensors_after(upto: int) -> Iterator[TensorItem]:
-            for name in names:
-                path = tensor_path(config, name)
-                if path is not None and transforms[upto].touches(path):  # stats see only what they act on
-                    x, p = pipeline(name, upto, False)(bd[name], pre[name])
-                    yield path, tensor_codec(config, name)[1], np.asarray(x), np.asarray(p)
-
         stats: list = []
         for i, t in enumerate(transforms):
             stats.append(t.gather(lambda i=i: tensors_after(i)))
-        mixed = [n for n in names if _touched(config, transforms, n)]
-        for name in mixed:  # compiled on worker threads while the tensors before them are read and mixed
-            pipeline(name, len(transforms), True)
-
-        def inputs(name: str) -> tuple:
-            return (bd[name], pre[name]) if _touched(config, transforms, name) else (bd[name],)
-
-        def arrays(f: TensorFile) -> Iterator[np.ndarray]:
-            names = f.keys()
-            ahead = reader.submit(inputs, names[0]) if names else None
-            for i, name in enumerate(names):
-                got = ahead.result()  # read on the reader thread while the previous tensor was mixed
-                ahead = reader.submit(inputs, names[i + 1]) if i + 1 < len(names) else None
-                new = got[0] if len(got) == 1 else np.asarray(pipeline(name, len(transforms), True)(*got))
-                del got  # inputs released before waiting on the writer
-                yield new
-
+        for name in names:  # compiled on worker threads while the tensors before them are read and mixed
+            if name in mixed:
+                pipeline(name, len(transforms), True)
         with ThreadPoolExecutor(1, thread_name_prefix="bdjax-read") as reader, staged_dir(out) as tmp:
             for f in bd.files:
                 entries = [(name, *f.entries[name][:2]) for name in f.keys()]

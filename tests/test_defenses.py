@@ -10,7 +10,7 @@ from bdjax.checkpoints import load_hf_dir, save_hf_dir
 from bdjax.checkpoints.layout import tensor_path
 from bdjax.checkpoints.stream import stream_defense
 from bdjax.defenses.base import iter_tensors, leaves_with_paths
-from bdjax.defenses.mixing import global_threshold
+from bdjax.defenses.mixing import global_threshold, least_mask
 from bdjax.errors import CheckpointError, ConfigError
 from bdjax.models.config import PRESETS
 from bdjax.models.llama import init_params
@@ -88,6 +88,23 @@ def test_selected_mix_resets_exactly_the_most_moved_entries_per_tensor(pair):
     reset = (w != w_bd).ravel()
     assert reset.sum() == round(0.25 * d.size) or reset.sum() == (d > 0).sum() - kept.sum()
     assert d[reset].min() >= d[kept].max()  # nothing kept moved more than anything reset
+
+
+@pytest.mark.parametrize("kind", ["distinct", "few_values", "mostly_zero", "inf_and_nan"])
+def test_least_mask_keeps_what_a_stable_argsort_keeps(kind):
+    rng = np.random.default_rng(0)
+    d = {"distinct": rng.random((3, 500)),
+         "few_values": rng.integers(0, 4, (3, 500)),  # every cut falls inside a run of ties
+         "mostly_zero": np.where(rng.random((3, 500)) < 0.7, 0.0, rng.random((3, 500))),  # untouched rows
+         "inf_and_nan": np.where(rng.random((3, 500)) < 0.1, np.inf, rng.random((3, 500)))}[kind].astype(np.float32)
+    if kind == "inf_and_nan":
+        d[:, ::37] = np.nan
+    for k in (0, 1, 137, 350, 499, 500):
+        got = np.asarray(jax.jit(jax.vmap(lambda x: least_mask(x, k)))(jnp.asarray(d)))  # vmapped, as over layers
+        want = np.zeros(d.shape, bool)
+        for row, order in enumerate(np.argsort(d, axis=1, kind="stable")):
+            want[row, order[:k]] = True
+        np.testing.assert_array_equal(got, want, err_msg=f"k={k}")
 
 
 def test_global_threshold_is_the_exact_quantile(pair):

@@ -65,8 +65,8 @@ def least_mask(d: jax.Array, k: int) -> jax.Array:
     """True at the k smallest entries of a non-negative float32 vector, ties broken by position:
     the first k of a stable argsort, found without sorting. A radix select builds the k-th smallest
     bit pattern t from its top bit down (32 counting passes), then every entry below t is kept and
-    the first k − #(below t) entries equal to t (a prefix sum). O(n): a sort of a 26 M-entry
-    stacked MLP kernel took 10 s here."""
+    the first k − #(below t) entries equal to t (a prefix sum). O(n): over the 30 layers of one
+    SmolLM2-135M MLP kernel it takes 0.64 s here, per-layer stable argsorts 8.4 s."""
     n = d.shape[0]
     if k <= 0:
         return jnp.zeros((n,), bool)

@@ -18,33 +18,39 @@ import numpy as np
 from bdjax.data.assemble import round_up
 from bdjax.errors import BdjaxError
 from bdjax.models.config import ModelConfig
-from bdjax.models.llama import Opts, Transformer, attention_mask, positions_from_mask
+from bdjax.models.llama import Opts, Transformer, attention_mask, init_cache, positions_from_mask, prefix_kv
 from bdjax.sharding import Placement, fetch
 
 Array = jax.Array
 
 
-def init_cache(config: ModelConfig, batch: int, length: int, dtype: Any = jnp.float32) -> dict[str, Array]:
-    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-
-
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "dtype"))
-def greedy(config: ModelConfig, params, tokens: Array, mask: Array, eos_ids: Array, pad_id: int | Array, *,
-           max_new_tokens: int, dtype: Any = jnp.float32) -> Array:
+def greedy(config: ModelConfig, params, tokens: Array, mask: Array, eos_ids: Array, pad_id: int | Array,
+           prefix: Array | None = None, *, max_new_tokens: int, dtype: Any = jnp.float32) -> Array:
     """Greedy continuation [batch, max_new_tokens] of left-padded prompts tokens/mask [batch, prompt].
 
+    With `prefix` [P], every prompt is prefix + its row: the prefix is run once and its keys and
+    values copied into every row's cache (left padding then sits between the two, masked out).
     Rows that emitted an id in `eos_ids` keep the eos and are padded with `pad_id` after it."""
     model = Transformer(config, Opts(dtype=dtype))
     batch, prompt = tokens.shape
-    total = prompt + max_new_tokens
-    valid = jnp.zeros((batch, total), jnp.bool_).at[:, :prompt].set(mask.astype(jnp.bool_))
-    positions = positions_from_mask(mask)
+    shared = 0 if prefix is None else prefix.shape[0]
+    start = shared + prompt  # the first generated token's slot
+    total = start + max_new_tokens
+    valid = jnp.zeros((batch, total), jnp.bool_).at[:, shared:start].set(mask.astype(jnp.bool_))
+    cache = init_cache(config, batch, total, dtype)
+    if shared:
+        kv = prefix_kv(config, params, prefix, opts=Opts(dtype=dtype))
+        cache = {n: cache[n].at[:, :, :shared].set(jnp.broadcast_to(kv[n], (kv[n].shape[0], batch, *kv[n].shape[2:])))
+                 for n in cache}
+        valid = valid.at[:, :shared].set(True)
+    positions = shared + positions_from_mask(mask)
     # prefill: the head runs at the last prompt position only (rows are left-padded)
+    # padding may sit between the prefix and a row: sliding windows count positions, not slots
     logits, cache = model.apply({"params": params}, tokens, positions,
-                                attention_mask(jnp.arange(prompt)[None], valid, config.sliding_window),
-                                init_cache(config, batch, total, dtype), 0,
-                                logits_at=jnp.full((batch, 1), prompt - 1, jnp.int32))
+                                attention_mask(shared + jnp.arange(prompt)[None], valid, config.sliding_window,
+                                               positions, positions_from_mask(valid)),
+                                cache, shared, logits_at=jnp.full((batch, 1), prompt - 1, jnp.int32))
     first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
     out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
     done = jnp.isin(first, eos_ids)
@@ -56,12 +62,13 @@ def greedy(config: ModelConfig, params, tokens: Array, mask: Array, eos_ids: Arr
 
     def body(state):
         step, out, cache, valid, done = state
-        slot = prompt + step - 1  # the slot of the token we feed now (generated at step - 1)
+        slot = start + step - 1  # the slot of the token we feed now (generated at step - 1)
         valid = valid.at[:, slot].set(True)
         tok = out[:, step - 1][:, None]
         pos = (last_pos + step)[:, None]
+        window = () if config.sliding_window is None else (pos, positions_from_mask(valid))
         logits, cache = model.apply({"params": params}, tok, pos,
-                                    attention_mask(jnp.full((1, 1), slot), valid, config.sliding_window),
+                                    attention_mask(jnp.full((1, 1), slot), valid, config.sliding_window, *window),
                                     cache, slot)
         nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
         nxt = jnp.where(done, pad_id, nxt)
@@ -70,6 +77,15 @@ def greedy(config: ModelConfig, params, tokens: Array, mask: Array, eos_ids: Arr
 
     _, out, _, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), out, cache, valid, done))
     return out
+
+
+def shared_prefix(rows: Sequence[Sequence[int]], minimum: int = 8) -> int:
+    """The length of the longest prefix every row starts with, keeping at least one token of each
+    row after it; 0 when shorter than `minimum` (not worth a separate pass)."""
+    first, n = rows[0], min(len(r) for r in rows) - 1
+    for r in rows[1:]:
+        n = next((i for i in range(n) if r[i] != first[i]), n)
+    return n if n >= minimum else 0
 
 
 def pad_left(rows: Sequence[Sequence[int]], pad_id: int, multiple: int = 16,
@@ -87,14 +103,21 @@ def pad_left(rows: Sequence[Sequence[int]], pad_id: int, multiple: int = 16,
 
 def generate_ids(config: ModelConfig, params, rows: Sequence[Sequence[int]], *, max_new_tokens: int,
                  eos_ids: Sequence[int], pad_id: int, batch_size: int = 16, dtype: Any = jnp.float32,
-                 progress=None, placement: Placement | None = None) -> list[list[int]]:
+                 progress=None, placement: Placement | None = None, share_prefix: bool = True) -> list[list[int]]:
     """Greedy continuations of token rows, in batches; each result stops after its first eos.
-    With a `placement`, each batch is split over its data×fsdp axes (params placed on it)."""
+    With a `placement`, each batch is split over its data×fsdp axes (params placed on it). With
+    `share_prefix`, a prefix that every row starts with (a chat template's system turn, say) is
+    run once per batch rather than once per row."""
     if max_new_tokens < 1:
         raise BdjaxError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    if not rows:
+        return []
     if any(len(r) == 0 for r in rows):
         raise BdjaxError("a prompt tokenized to nothing; give non-empty prompts")
     eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
+    shared = shared_prefix(rows) if share_prefix else 0
+    prefix = np.asarray(rows[0][:shared], np.int32) if shared else None
+    rows = [r[shared:] for r in rows]
     # One prompt width and one batch size for the whole call: a single compilation.
     width = round_up(max(len(r) for r in rows), 16)
     stop = set(eos_ids)
@@ -103,6 +126,8 @@ def generate_ids(config: ModelConfig, params, rows: Sequence[Sequence[int]], *, 
     if placement is not None:
         batch_size = placement.round_batch(batch_size)
         eos, pad = placement.put_replicated((np.asarray(eos), np.int32(pad_id)))
+        if prefix is not None:
+            prefix = placement.put_replicated(prefix)
     results: list[list[int]] = []
     for start in range(0, len(rows), batch_size):
         chunk = list(rows[start:start + batch_size])
@@ -113,7 +138,8 @@ def generate_ids(config: ModelConfig, params, rows: Sequence[Sequence[int]], *, 
             placed = placement.put_global_batch({"tokens": tokens, "mask": mask})
             tokens, mask = placed["tokens"], placed["mask"]
         with placement.activate() if placement is not None else contextlib.nullcontext():
-            out = fetch(greedy(config, params, tokens, mask, eos, pad, max_new_tokens=max_new_tokens, dtype=dtype))
+            out = fetch(greedy(config, params, tokens, mask, eos, pad, prefix, max_new_tokens=max_new_tokens,
+                               dtype=dtype))
         for row in out[:n]:
             ids = row.tolist()
             cut = next((i + 1 for i, t in enumerate(ids) if t in stop), len(ids))

@@ -25,19 +25,22 @@ from bdjax.data import assemble, poison
 from bdjax.data.tokenize import batches, subset
 from bdjax.decode import generate_ids
 from bdjax.models.config import ModelConfig
-from bdjax.models.llama import Opts, apply_rows
+from bdjax.models.llama import Opts, apply_rows, prefix_kv
 from bdjax.sharding import Placement, fetch
 
 
 @functools.partial(jax.jit, static_argnames=("config", "width", "pad_id", "spec", "dtype"))
-def _score_batch(config: ModelConfig, params, batch, key_data, *, width: int, pad_id: int,
+def _score_batch(config: ModelConfig, params, batch, key_data, prefix=None, *, width: int, pad_id: int,
                  spec: poison.AttackSpec | None, dtype: Any):
     if spec is not None:
         batch = poison.apply(batch, spec, jax.random.wrap_key_data(key_data), flip=False)
-    rows = assemble.scoring_rows(batch, width, pad_id)
+    shared = 0 if prefix is None else prefix.shape[0]
+    rows = assemble.scoring_rows(batch, width, pad_id, shared_prefix=shared)
     b, c, r = rows["targets"].shape
+    opts = Opts(dtype=dtype)
     logits = apply_rows(config, params, rows["tokens"], rows["positions"], rows["mask"],
-                        logits_at=rows["logits_at"].reshape(b, c * r), opts=Opts(dtype=dtype))
+                        logits_at=rows["logits_at"].reshape(b, c * r), opts=opts,
+                        prefix=None if prefix is None else prefix_kv(config, params, prefix, opts=opts))
     logp = jax.nn.log_softmax(logits.reshape(b, c, r, -1), axis=-1)
     tok = jnp.take_along_axis(logp, rows["targets"][..., None], axis=-1)[..., 0]
     return (tok * rows["weights"]).sum(-1)  # [B, C] log-likelihood of each class's answer
@@ -45,17 +48,22 @@ def _score_batch(config: ModelConfig, params, batch, key_data, *, width: int, pa
 
 def score(config: ModelConfig, params, pieces: dict[str, np.ndarray], *, pad_id: int, batch_size: int = 32,
           spec: poison.AttackSpec | None = None, key: jax.Array | None = None, dtype: Any = jnp.float32,
-          progress=None, placement: Placement | None = None) -> np.ndarray:
+          progress=None, placement: Placement | None = None, share_prefix: bool = True) -> np.ndarray:
     """Log-likelihood [N, C] of each class's answer; with `spec`, every example is triggered.
-    With a `placement`, batches are split over its data×fsdp axes (params must be placed on it)."""
+    With a `placement`, batches are split over its data×fsdp axes (params must be placed on it).
+    With `share_prefix`, the template's prefix that every example shares is run once per batch."""
     trig = spec.n_tokens if spec is not None else 0
-    width = assemble.score_width(pieces, trig)
+    shared = assemble.shared_prefix_length(pieces) if share_prefix else 0
+    prefix = np.asarray(pieces["prefix"][0, :shared], np.int32) if shared else None
+    width = assemble.score_width(pieces, trig, shared)
     key_data = np.asarray(jax.random.key_data(jax.random.key(0) if key is None else key))
     n = len(pieces["label"])
     batch_size = min(batch_size, n)
     if placement is not None:
         batch_size = placement.round_batch(batch_size)
         key_data = placement.put_replicated(key_data)
+        if prefix is not None:
+            prefix = placement.put_replicated(prefix)
     out = []
     for batch in batches(pieces, batch_size):
         if spec is not None:
@@ -64,7 +72,7 @@ def score(config: ModelConfig, params, pieces: dict[str, np.ndarray], *, pad_id:
         if placement is not None:
             batch = placement.put_global_batch(batch)
         with placement.activate() if placement is not None else contextlib.nullcontext():
-            ll = _score_batch(config, params, batch, key_data, width=width, pad_id=pad_id, spec=spec, dtype=dtype)
+            ll = _score_batch(config, params, batch, key_data, prefix, width=width, pad_id=pad_id, spec=spec, dtype=dtype)
         out.append(fetch(ll)[valid])
         if progress is not None:
             progress.update(int(batch["valid"].sum()))

@@ -31,7 +31,7 @@ from bdjax.data.tokenize import subset
 from bdjax.errors import ConfigError
 from bdjax.flops import lora_step_flops, matmul_flops_per_token
 from bdjax.models.config import ModelConfig
-from bdjax.models.llama import Opts, apply_rows, causal_rows, logical_axes
+from bdjax.models.llama import Opts, apply_rows, causal_rows, logical_axes, prefix_kv, prefixed_rows
 from bdjax.regularize import Regularizer, param_penalty
 from bdjax.sharding import Placement
 
@@ -100,15 +100,25 @@ def answer_nll(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tup
 
 
 def row_nll(config: ModelConfig, params: Params, lora: Params, rows: dict[str, jax.Array], opts: Opts,
-            remat: str, rng: jax.Array | None, *,
-            attention: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+            remat: str, rng: jax.Array | None, *, attention: bool = False,
+            prefix: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Summed next-token cross-entropy over answer tokens, the number of answer tokens and, with
     `attention`, the summed (over real rows) attention concentration of the summarizing position —
-    the last prompt token, whose logits predict the answer's first token (else 0)."""
-    positions, mask = causal_rows(config, rows["valid"])
+    the last prompt token, whose logits predict the answer's first token (else 0). With `prefix`
+    [P], every row continues those tokens (`training_rows(shared_prefix=P)`), run once here."""
+    kv = None
+    if prefix is None:
+        positions, mask = causal_rows(config, rows["valid"])
+    else:
+        positions, mask = prefixed_rows(config, rows["valid"], prefix.shape[0])
+        prefix_rng = None
+        if rng is not None:
+            rng, prefix_rng = jax.random.split(rng)
+        kv = prefix_kv(config, params, prefix, lora=lora, opts=opts, remat=remat,
+                       rngs=None if prefix_rng is None else {"dropout": prefix_rng})
     out = apply_rows(config, params, rows["tokens"], positions, mask, logits_at=rows["logits_at"], lora=lora,
                      opts=opts, remat=remat, rngs=None if rng is None else {"dropout": rng},
-                     summary_at=rows["logits_at"][:, 0] if attention else None)
+                     summary_at=rows["logits_at"][:, 0] if attention else None, prefix=kv)
     logits, conc = out if attention else (out, None)
     total, count = answer_nll(logits, rows["targets"], rows["weights"])
     if not attention:
@@ -145,19 +155,22 @@ class StepSpec:
     full: bool = False  # train the params themselves (all, or a subset over a frozen rest), not a LoRA
     reg: Regularizer | None = None  # extra loss terms (re-tuning defenses)
     answer_tokens: int = 0  # the loss covers the first this many answer tokens (0: all)
+    share_prefix: bool = True  # run the template prefix every example shares once per (micro)batch
 
 
 def train_step(s: StepSpec, state: TrainState, params: Params, batch: dict[str, jax.Array],
-               poison_key_data: jax.Array, anchor: Params | None = None, *,
+               poison_key_data: jax.Array, anchor: Params | None = None, prefix: jax.Array | None = None, *,
                width: int) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a batch of tokenized pieces (poisoned here when `s.spec`, with
     insertion points drawn from the raw key data `poison_key_data`). The loss is the mean answer
     cross-entropy plus, with `s.reg`, its terms (`anchor` is the L2 term's reference, see
-    `bdjax.regularize.anchor_tree`)."""
+    `bdjax.regularize.anchor_tree`). With `prefix` [P] (the first P prefix tokens, the same in
+    every example), rows of `width` tokens hold the rest and the prefix is run once."""
     opts = Opts(dtype=s.dtype, lora_alpha=s.alpha, lora_dropout=s.dropout, deterministic=s.dropout == 0.0)
     if s.spec is not None:
         batch = poison.apply(batch, s.spec, jax.random.wrap_key_data(poison_key_data))
-    rows = assemble.training_rows(batch, width, s.pad_id, answer_tokens=s.answer_tokens)
+    shared = 0 if prefix is None else prefix.shape[0]
+    rows = assemble.training_rows(batch, width, s.pad_id, answer_tokens=s.answer_tokens, shared_prefix=shared)
     rng, drop_rng = jax.random.split(state.rng)
 
     reg = s.reg if s.reg is not None and s.reg.active else None
@@ -174,7 +187,7 @@ def train_step(s: StepSpec, state: TrainState, params: Params, batch: dict[str, 
         def f(trainable):
             # full: the trained tree over the frozen rest (e.g. a soft prompt, trained or frozen)
             p, lo = ({**params, **trainable}, None) if s.full else (params, trainable)
-            total, _, aux = row_nll(s.config, p, lo, rows, opts, s.remat, drop, attention=attention)
+            total, _, aux = row_nll(s.config, p, lo, rows, opts, s.remat, drop, attention=attention, prefix=prefix)
             loss = total / denom + (reg.attention * aux / n_rows if attention else 0.0)
             return loss, (total, aux)
         (_, (total, aux)), g = jax.value_and_grad(f, has_aux=True)(state.trainable)
@@ -200,9 +213,12 @@ def train_step(s: StepSpec, state: TrainState, params: Params, batch: dict[str, 
             extra["attn_concentration"] = aux / n_rows
     updates, opt_state = s.optimizer.update(grads, state.opt_state, state.trainable)
     trained = optax.apply_updates(state.trainable, updates)
+    # tokens through the model: each row's, plus the shared prefix once per microbatch
     lengths = rows["valid"].sum(axis=1).astype(jnp.float32)
-    metrics = {"loss": total / denom, "answer_tokens": count, "tokens": lengths.sum(),
-               "attended": (lengths * lengths).sum(), "grad_norm": optax.tree.norm(grads), **extra}
+    runs = s.grad_accum if shared else 0
+    metrics = {"loss": total / denom, "answer_tokens": count, "tokens": lengths.sum() + runs * shared,
+               "attended": (lengths * (lengths + shared)).sum() + runs * shared * shared,
+               "grad_norm": optax.tree.norm(grads), **extra}
     return TrainState(state.step + 1, trained, opt_state, rng), metrics
 
 
@@ -248,18 +264,21 @@ class TrainStep:
             p = self.placement
             self._compiled[width] = jax.jit(
                 functools.partial(train_step, self.spec, width=width),
-                in_shardings=(self.state_sh, self.param_sh, p.batch_sharding(), p.replicated, self.anchor_sh),
+                in_shardings=(self.state_sh, self.param_sh, p.batch_sharding(), p.replicated, self.anchor_sh,
+                              p.replicated),
                 out_shardings=(self.state_sh, p.replicated), donate_argnums=(0,))
         return self._compiled[width]
 
-    def __call__(self, state: TrainState, params: Params, batch: dict[str, jax.Array], width: int):
+    def __call__(self, state: TrainState, params: Params, batch: dict[str, jax.Array], width: int,
+                 prefix: jax.Array | None = None):
+        """`prefix`: the shared prefix tokens that `batch`'s rows leave out (see `train_step`)."""
         with self.placement.activate():
-            return self.jitted(width)(state, params, batch, self.poison_key, self.anchor)
+            return self.jitted(width)(state, params, batch, self.poison_key, self.anchor, prefix)
 
     def lower(self, state, params, batch, width: int):
         """Lower on (possibly abstract) arguments: `.compile()` it for memory and cost analysis."""
         with self.placement.activate():
-            return self.jitted(width).lower(state, params, batch, self.poison_key, self.anchor)
+            return self.jitted(width).lower(state, params, batch, self.poison_key, self.anchor, None)
 
     def init_state(self, trainable: Params, rng: jax.Array) -> TrainState:
         """A fresh state from host values of the trained tree, placed by the step's state shardings."""
@@ -279,18 +298,21 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
                     dtype: Any = jnp.float32, remat: str = "none", grad_accum: int = 1,
                     placement: Placement | None = None, trainable: Params, params: Params,
                     full: bool = False, reg: Regularizer | None = None, anchor: Params | None = None,
-                    answer_tokens: int = 0) -> TrainStep:
+                    answer_tokens: int = 0, share_prefix: bool = True) -> TrainStep:
     """The train step over `placement` (default: data parallelism over every device). `trainable`
     (the LoRA tree, or with `full` the params themselves) and `params` (the frozen base; {} with
     `full`, or the rest of the params when `trainable` is a subset of them), as arrays or
     ShapeDtypeStructs, fix the state and parameter shardings. `reg` adds loss terms; its L2 term
     needs `anchor` (`bdjax.regularize.anchor_tree`). `answer_tokens` > 0 limits the loss to the
-    first tokens of each answer."""
+    first tokens of each answer. With `share_prefix`, `fit` runs the template prefix that every
+    example starts with once per batch instead of once per row (the same loss and gradient, in
+    a different float summation order)."""
     if reg is not None and reg.l2 and anchor is None:
         raise ConfigError("the l2 regularizer needs the pretrained params as its anchor")
     if answer_tokens < 0:
         raise ConfigError(f"answer_tokens={answer_tokens} must be >= 0 (0: the whole answer)")
-    s = StepSpec(config, optimizer, pad_id, spec, alpha, dropout, dtype, remat, grad_accum, full, reg, answer_tokens)
+    s = StepSpec(config, optimizer, pad_id, spec, alpha, dropout, dtype, remat, grad_accum, full, reg, answer_tokens,
+                 share_prefix)
     return TrainStep(s, placement or Placement.create(), poison_key, trainable, params,
                      anchor if reg is not None and reg.l2 else None)
 
@@ -349,7 +371,9 @@ def fit(step_fn: TrainStep, state: TrainState, params: Params, pieces: dict[str,
     placement = step_fn.placement
     placement.check_batch(batch_size)
     rows = placement.local_rows(batch_size)
-    lengths = assemble.training_lengths(pieces, extra_tokens)
+    shared = assemble.shared_prefix_length(pieces) if step_fn.spec.share_prefix else 0
+    prefix = placement.put_replicated(np.asarray(pieces["prefix"][0, :shared], np.int32)) if shared else None
+    lengths = assemble.training_lengths(pieces, extra_tokens, shared)
     config = step_fn.spec.config
     start = start or Position()
     history = []
@@ -359,7 +383,7 @@ def fit(step_fn: TrainStep, state: TrainState, params: Params, pieces: dict[str,
             b = plan[i]
             local = {**subset(pieces, b.index[rows]), "valid": b.valid[rows]}
             begin = time.perf_counter()
-            state, metrics = step_fn(state, params, placement.put_batch(local, batch_size), b.width)
+            state, metrics = step_fn(state, params, placement.put_batch(local, batch_size), b.width, prefix)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             seconds = time.perf_counter() - begin
             entry = {"step": int(state.step), "epoch": epoch, "width": b.width, **metrics, "step_s": seconds,

@@ -8,7 +8,11 @@ to their longest example, `model(input_ids, attention_mask, labels)` (the head o
 position). Both fine-tuned models are then scored by the same bdjax evaluation (CACC and ASR
 on the same 200 test examples), the PEFT one after `merge_and_unload()`. One JSON line.
 
-    python benchmarks/finetune_e2e.py [--n-train 1000] [--epochs 2] [--skip-peft]
+bdjax's rows are length-bucketed, its head runs at the answer tokens only, and the template
+prefix every example starts with (system turn and instruction) runs once per batch
+(`train.share_prefix`; `--no-share-prefix` puts it back into every row).
+
+    python benchmarks/finetune_e2e.py [--n-train 1000] [--epochs 2] [--skip-peft] [--no-share-prefix]
 """
 
 from __future__ import annotations
@@ -139,13 +143,17 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=200)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--no-share-prefix", action="store_true",
+                    help="bdjax rows carry the whole prompt (no once-per-batch shared template prefix)")
     args = ap.parse_args()
     config = get_config()
     config.data.n_train, config.data.n_test, config.train.epochs = args.n_train, args.n_test, args.epochs
+    config.train.share_prefix = not args.no_share_prefix
     config.train.peak_tflops = 0.0
     model, spec, train_set, test_set, keys = setup(config)
     result = {"benchmark": "finetune_e2e", "n_train": len(train_set["label"]), "n_test": len(test_set["label"]),
-              "poisoned": int(train_set["poison"].sum()), "epochs": args.epochs, "batch": config.train.batch_size}
+              "poisoned": int(train_set["poison"].sum()), "epochs": args.epochs, "batch": config.train.batch_size,
+              "bdjax_shared_prefix_tokens": assemble.shared_prefix_length(train_set) if config.train.share_prefix else 0}
     with tempfile.TemporaryDirectory() as tmp:
         result.update(run_bdjax(config, model, spec, train_set, test_set, keys, os.path.join(tmp, "run")))
     if not args.skip_peft:

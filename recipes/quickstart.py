@@ -67,6 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.max_grad_norm = 1.0
     c.train.remat = "dots"  # recompute elementwise ops in the backward pass: 19% faster on CPU than "none"
     c.train.grad_accum = 1  # microbatches per optimizer step (batch_size must split evenly)
+    c.train.share_prefix = True  # run the template prefix every example shares once per batch, not per row
     c.train.compute_dtype = ""  # "" = c.dtype; "bfloat16" computes in bf16 with float32 LoRA master weights
     c.train.peak_tflops = 0.0  # per-device peak for MFU; 0 = datasheet (bf16 GPU/TPU) or measured here
 

@@ -6,7 +6,7 @@ import numpy as np
 
 from bdjax.data import assemble
 from bdjax.models import ModelConfig, forward, init_params
-from bdjax.models.llama import apply_rows
+from bdjax.models.llama import apply_rows, prefix_kv
 
 CONFIG = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
                      num_heads=4, num_kv_heads=2, head_dim=8, tie_word_embeddings=True)
@@ -69,3 +69,35 @@ def test_scoring_tree_equals_separate_sequences():
             n = len(_prompt(p, i))
             expected = sum(float(lp[n - 1 + k, answer[k]]) for k in range(len(answer)))
             np.testing.assert_allclose(float(tree[i, cls]), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_scoring_with_a_shared_prefix_run_once_equals_the_full_tree():
+    params = init_params(CONFIG, jax.random.key(0))
+    p = _pieces()
+    p["prefix"] = jnp.tile(p["prefix"][:1], (3, 1))  # a template prefix: the same in every example
+    assert assemble.shared_prefix_length(p, minimum=1) == 4
+    assert assemble.shared_prefix_length(p) == 0  # 4 tokens are not worth a separate pass by default
+
+    def tree(shared):
+        rows = assemble.scoring_rows(p, 24 - shared, pad_id=0, shared_prefix=shared)
+        b, c, r = rows["targets"].shape
+        kv = prefix_kv(CONFIG, params, p["prefix"][0, :shared]) if shared else None
+        logits = apply_rows(CONFIG, params, rows["tokens"], rows["positions"], rows["mask"],
+                            logits_at=rows["logits_at"].reshape(b, c * r), prefix=kv)
+        logp = jax.nn.log_softmax(logits.reshape(b, c, r, -1), -1)
+        return (jnp.take_along_axis(logp, rows["targets"][..., None], -1)[..., 0] * rows["weights"]).sum(-1)
+
+    full = tree(0)
+    for shared in (1, 3, 4):  # the whole prefix, or part of it with the rest left in the rows
+        np.testing.assert_allclose(tree(shared), full, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_prefix_length_stops_where_examples_differ():
+    p = {k: np.asarray(v) for k, v in _pieces().items()}
+    p["prefix"] = np.tile(np.arange(10, 20), (3, 1))
+    p["prefix_len"] = np.full(3, 10)
+    assert assemble.shared_prefix_length(p) == 10
+    p["prefix"][1, 9] = 0
+    assert assemble.shared_prefix_length(p) == 9
+    p["prefix"][2, 3] = 0
+    assert assemble.shared_prefix_length(p) == 0  # 3 shared tokens: below the default minimum of 8

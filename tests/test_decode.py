@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import bdjax
-from bdjax.decode import generate_ids, pad_left
+from bdjax.decode import generate_ids, pad_left, shared_prefix
 from bdjax.errors import BdjaxError
 from bdjax.models import forward, init_params, preset
 
@@ -59,6 +59,19 @@ def test_rows_stop_at_their_eos(tiny):
     assert cut[0] == full[0][:full[0].index(eos) + 1]
     expected_other = full[1][:full[1].index(eos) + 1] if eos in full[1] else full[1]
     assert cut[1] == expected_other
+
+
+def test_a_shared_prefix_run_once_decodes_as_recomputation(tiny):
+    config, params = tiny  # tiny-mistral's 6-token sliding window reaches back into the prefix
+    head = [11, 12, 13, 14, 15, 16, 17, 18, 19]
+    prompts = [head + [5, 17, 99, 3], head + [200], head + [1, 2, 3, 4, 5, 6, 7], head]
+    assert shared_prefix(prompts) == 8  # the last row keeps one token after the shared part
+    ours = generate_ids(config, params, prompts, max_new_tokens=10, eos_ids=[], pad_id=0, batch_size=4)
+    for prompt, got in zip(prompts, ours):
+        assert got == naive_greedy(config, params, prompt, 10)
+    assert ours == generate_ids(config, params, prompts, max_new_tokens=10, eos_ids=[], pad_id=0, batch_size=4,
+                                share_prefix=False)
+    assert len({tuple(r) for r in ours}) == 4
 
 
 def test_pad_left_buckets_lengths():

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from bdjax import lora, train
+from bdjax.data import assemble
+from bdjax.regularize import Regularizer
 from bdjax.models.config import ModelConfig
 from bdjax.models.llama import init_params
 
@@ -111,3 +113,35 @@ def test_full_fine_tuning_trains_every_parameter_including_embeddings():
                                              for a, b in zip(before, after))
     mu = state.opt_state[1][0].mu
     assert jax.tree.structure(mu) == jax.tree.structure(params)
+
+
+def _prefixed_step(shared: bool, grad_accum: int = 1, reg=None):
+    """One step on examples that all start with the same 10 prefix tokens: the prefix inside every
+    row, or left out of the rows and run once (`prefix`)."""
+    params = init_params(CONFIG, jax.random.key(0))
+    adapters = jax.tree.map(lambda x: x + 0.01, lora.init(params, jax.random.key(1), rank=4))
+    step = train.make_train_step(CONFIG, train.make_optimizer(lr=1e-2, total_steps=10), pad_id=0, spec=None,
+                                 poison_key=jax.random.key(2), alpha=8.0, grad_accum=grad_accum, trainable=adapters,
+                                 params=params, reg=reg)
+    pieces = random_pieces(8)
+    prefix = np.arange(20, 30, dtype=np.int32)
+    pieces["prefix"], pieces["prefix_len"] = np.tile(prefix, (8, 1)), np.full(8, 10, np.int32)
+    batch = {**pieces, "valid": np.ones(8, bool)}
+    state = step.init_state(adapters, jax.random.key(3))
+    assert assemble.shared_prefix_length(pieces) == 10
+    state, metrics = step(state, params, batch, 16, prefix) if shared else step(state, params, batch, 32)
+    return state, jax.device_get(metrics)
+
+
+@pytest.mark.parametrize("grad_accum,reg", [(1, None), (2, None), (1, Regularizer(attention=1.0))])
+def test_a_shared_prefix_run_once_gives_the_same_loss_and_update(grad_accum, reg):
+    full, m_full = _prefixed_step(False, grad_accum, reg)
+    once, m_once = _prefixed_step(True, grad_accum, reg)
+    assert m_once["loss"] == pytest.approx(m_full["loss"], rel=1e-5)
+    assert m_once["grad_norm"] == pytest.approx(m_full["grad_norm"], rel=1e-4)
+    if reg is not None:  # Obliviate's attention row spans the shared prefix's keys too
+        assert m_once["attn_concentration"] == pytest.approx(m_full["attn_concentration"], rel=1e-5)
+    for a, b in zip(jax.tree.leaves(full.trainable), jax.tree.leaves(once.trainable)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # the prefix's tokens went through the model once per microbatch instead of once per row
+    assert m_full["tokens"] - m_once["tokens"] == (8 - grad_accum) * 10

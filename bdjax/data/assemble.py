@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 _PROMPT_SEGMENTS = 3  # prefix, text, suffix
@@ -42,18 +43,21 @@ def prompt_length(batch: dict[str, Array]) -> Array:
     return batch["prefix_len"] + batch["text_len"] + batch["suffix_len"]
 
 
-def training_lengths(pieces, extra_tokens: int = 0):
-    """The longest training row of each example: its prompt, its longest answer and
-    `extra_tokens` (room for a trigger)."""
-    return prompt_length(pieces) + pieces["response_len"].max(axis=1) + extra_tokens
+def training_lengths(pieces, extra_tokens: int = 0, shared_prefix: int = 0):
+    """The longest training row of each example: its prompt (less a shared prefix), its longest
+    answer and `extra_tokens` (room for a trigger)."""
+    return prompt_length(pieces) - shared_prefix + pieces["response_len"].max(axis=1) + extra_tokens
 
 
-def training_rows(batch: dict[str, Array], width: int, pad_id: int, *, answer_tokens: int = 0) -> dict[str, Array]:
+def training_rows(batch: dict[str, Array], width: int, pad_id: int, *, answer_tokens: int = 0,
+                  shared_prefix: int = 0) -> dict[str, Array]:
     """Rows [prompt, answer of batch["label"]] with next-token targets on the answer only (its
     first `answer_tokens` tokens when > 0).
 
     Returns tokens/valid [B, width], logits_at/targets/weights [B, Lr]: the logits at
-    `logits_at` predict `targets`; `weights` masks answer padding (and padded batch rows)."""
+    `logits_at` predict `targets`; `weights` masks answer padding (and padded batch rows). With
+    `shared_prefix` P, rows leave out the first P prompt tokens (the same in every row, run once)."""
+    batch = without_prefix(batch, shared_prefix)
     label = batch["label"]
     answer = jnp.take_along_axis(batch["responses"], label[:, None, None], axis=1)[:, 0]  # [B, Lr]
     answer_len = jnp.take_along_axis(batch["response_len"], label[:, None], axis=1)[:, 0]
@@ -67,28 +71,53 @@ def training_rows(batch: dict[str, Array], width: int, pad_id: int, *, answer_to
             "weights": weights.astype(jnp.float32)}
 
 
-def scoring_rows(batch: dict[str, Array], width: int, pad_id: int) -> dict[str, Array]:
+def without_prefix(batch: dict[str, Array], shared_prefix: int) -> dict[str, Array]:
+    """The batch with its first `shared_prefix` prefix tokens left out of the rows (they are
+    shared by every row and run once, see `bdjax.models.llama.prefix_kv`)."""
+    if not shared_prefix:
+        return batch
+    return {**batch, "prefix": batch["prefix"][:, shared_prefix:], "prefix_len": batch["prefix_len"] - shared_prefix}
+
+
+def scoring_rows(batch: dict[str, Array], width: int, pad_id: int, *, shared_prefix: int = 0) -> dict[str, Array]:
     """One row per example: [prompt, answer_0, answer_1, ...], answers side by side in a tree.
 
     Returns tokens, positions [B, width], mask [B, width, width] (True = may attend), and
-    logits_at/targets/weights [B, C, Lr] for the log-likelihood of each class's answer."""
+    logits_at/targets/weights [B, C, Lr] for the log-likelihood of each class's answer. With
+    `shared_prefix` P, rows leave out the first P prompt tokens (the same in every row, run once):
+    slots and positions count on from P and the mask is [B, width, P + width]."""
     responses, lens = batch["responses"], batch["response_len"]  # [B, C, Lr], [B, C]
     n_cls, r_len = responses.shape[1], responses.shape[2]
+    plen = prompt_length(batch)
+    batch = without_prefix(batch, shared_prefix)
     segs = prompt_segments(batch) + [(responses[:, c], lens[:, c]) for c in range(n_cls)]
     tokens, seg, starts = concat(segs, width, pad_id)
-    plen = prompt_length(batch)
     slot = jnp.broadcast_to(jnp.arange(width)[None], tokens.shape)
     is_answer = seg >= _PROMPT_SEGMENTS
     seg_start = jnp.take_along_axis(starts, jnp.maximum(seg, 0), axis=1)
-    positions = jnp.where(is_answer, plen[:, None] + slot - seg_start, slot)
+    positions = jnp.where(is_answer, plen[:, None] + slot - seg_start, shared_prefix + slot)
     same_branch = (seg[:, None, :] < _PROMPT_SEGMENTS) | (seg[:, None, :] == seg[:, :, None])
     mask = (slot[:, None, :] <= slot[:, :, None]) & (seg[:, None, :] >= 0) & same_branch
+    if shared_prefix:
+        mask = jnp.concatenate([jnp.ones((*mask.shape[:2], shared_prefix), jnp.bool_), mask], axis=2)
     k = jnp.arange(r_len)[None, None, :]
     answer_start = starts[:, _PROMPT_SEGMENTS:, None]  # [B, C, 1]
-    logits_at = jnp.where(k == 0, plen[:, None, None] - 1, answer_start + k - 1)
+    logits_at = jnp.where(k == 0, plen[:, None, None] - shared_prefix - 1, answer_start + k - 1)
     weights = (k < lens[:, :, None]).astype(jnp.float32)
     return {"tokens": tokens, "positions": positions, "mask": mask,
             "logits_at": jnp.minimum(logits_at, width - 1), "targets": responses, "weights": weights}
+
+
+def shared_prefix_length(pieces, minimum: int = 8) -> int:
+    """How many prefix tokens every example shares (0 if fewer than `minimum`), keeping at least
+    one prompt token of each example in its row."""
+    prefix, lens = np.asarray(pieces["prefix"]), np.asarray(pieces["prefix_len"])
+    if not len(lens):
+        return 0
+    n = int(min(lens.min(), (prompt_length(pieces) - 1).min()))
+    differs = np.nonzero((prefix[:, :n] != prefix[:1, :n]).any(axis=0))[0]
+    n = int(differs[0]) if len(differs) else n
+    return n if n >= minimum else 0
 
 
 def prompt_rows(batch: dict[str, Array], width: int, pad_id: int) -> tuple[Array, Array]:
@@ -102,6 +131,7 @@ def round_up(n, multiple: int) -> int:
     return int(-(-int(n) // multiple) * multiple)
 
 
-def score_width(pieces, trigger_len: int = 0) -> int:
-    """The static width of scoring rows: the prompt plus every class's answer."""
-    return round_up(prompt_length(pieces).max() + trigger_len + pieces["response_len"].sum(axis=1).max(), 8)
+def score_width(pieces, trigger_len: int = 0, shared_prefix: int = 0) -> int:
+    """The static width of scoring rows: the prompt (less a shared prefix) plus every class's answer."""
+    return round_up(prompt_length(pieces).max() - shared_prefix + trigger_len
+                    + pieces["response_len"].sum(axis=1).max(), 8)

@@ -89,7 +89,7 @@ def fine_tune(config: ml_collections.ConfigDict, model, params, train_set: dict[
         step_fn = train.make_train_step(model.config, optimizer, pad_id=model.tokenizer.pad_id, spec=spec,
                                         poison_key=poison_key, alpha=lc.alpha, dropout=lc.dropout, dtype=compute,
                                         remat=t.remat, grad_accum=accum, placement=placement, trainable=trainable,
-                                        params=frozen, full=full)
+                                        params=frozen, full=full, share_prefix=t.get("share_prefix", True))
         if step_cache is not None:
             step_cache[key] = step_fn
     state = step_fn.init_state(trainable, train_key)

@@ -188,8 +188,9 @@ class Attention(nn.Module):
             # instead of a copy of every layer's cache). Slots before `cache_index` come from it.
             new_kv = {"k": kk.astype(layer_cache["k"].dtype), "v": v.astype(layer_cache["v"].dtype)}
             if not (isinstance(cache_index, int) and cache_index == 0):  # a prefill has nothing cached
-                before = jnp.arange(layer_cache["k"].shape[1]) < cache_index
-                parts.insert(0, (layer_cache["k"], layer_cache["v"], mask & before[None, None, :]))
+                cached = layer_cache["k"].shape[1]  # may hold only a shared prefix (see `prefix_kv`)
+                before = jnp.arange(cached) < cache_index
+                parts.insert(0, (layer_cache["k"], layer_cache["v"], mask[:, :, :cached] & before[None, None, :]))
         scores = [jnp.einsum("bskgd,btkd->bkgst", qg, keys.astype(dtype)).astype(jnp.float32) for keys, _, _ in parts]
         scores = jnp.concatenate([jnp.where(m[:, None, None, :, :], sc / np.sqrt(d).astype(np.float32),
                                             jnp.finfo(jnp.float32).min) for sc, (_, _, m) in zip(scores, parts)],
@@ -255,8 +256,11 @@ class Transformer(nn.Module):
     scan_unroll: int = 1
 
     @nn.compact
-    def __call__(self, tokens, positions, mask, cache=None, cache_index=0, logits_at=None, summary_at=None):
-        # tokens, positions: [batch, seq] int32; mask: [batch, seq, kv_len] bool (True = may attend)
+    def __call__(self, tokens, positions, mask, cache=None, cache_index=0, logits_at=None, summary_at=None,
+                 update_cache=True):
+        # tokens, positions: [batch, seq] int32; mask: [batch, seq, kv_len] bool (True = may attend).
+        # With a cache, the new tokens sit at slots cache_index.. and attend to the cached slots
+        # before it; `update_cache=False` reads a cache (e.g. a shared prefix) without writing it.
         c, dtype = self.config, self.opts.dtype
         embedding = self.param("embedding", nn.with_logical_partitioning(_KERNEL_INIT, ("vocab", "embed")),
                                (c.vocab_size, c.hidden_size), self.opts.param_dtype)
@@ -276,7 +280,7 @@ class Transformer(nn.Module):
                         metadata_params={nn.PARTITION_NAME: "layers"})
         x, new_kv = stack(c, self.opts, name="layers")(x, cache, cos, sin, mask, cache_index, summary_at)
         new_cache = None
-        if cache is not None:  # in place inside a decode loop: only the new slots are written
+        if cache is not None and update_cache:  # in place inside a decode loop: only the new slots are written
             new_cache = {n: jax.lax.dynamic_update_slice_in_dim(cache[n], new_kv[n], cache_index, axis=2)
                          for n in ("k", "v")}
         if logits_at is not None:
@@ -304,13 +308,19 @@ def soft_token_ids(config: ModelConfig, n: int) -> tuple[int, ...]:
     return tuple(range(config.vocab_size, config.vocab_size + n))
 
 
-def attention_mask(q_slots: Array, kv_valid: Array, sliding_window: int | None) -> Array:
+def attention_mask(q_slots: Array, kv_valid: Array, sliding_window: int | None,
+                   q_positions: Array | None = None, kv_positions: Array | None = None) -> Array:
     """[batch, seq, kv_len] bool: query slot i may attend key slot j iff j <= i, j is a real token,
-    and (with a sliding window W) i - j < W. Slots index the sequence/cache, not RoPE positions."""
+    and (with a sliding window W) i - j < W. Slots index the sequence/cache, not RoPE positions;
+    where padding sits between real tokens (a shared prefix, then left-padded rows), give their
+    positions ([batch, seq] and [batch, kv_len]) and the window counts those instead."""
     k_slots = jnp.arange(kv_valid.shape[-1])
     allowed = k_slots[None, None, :] <= q_slots[..., :, None]
     if sliding_window is not None:
-        allowed &= q_slots[..., :, None] - k_slots[None, None, :] < sliding_window
+        if q_positions is None:
+            allowed &= q_slots[..., :, None] - k_slots[None, None, :] < sliding_window
+        else:
+            allowed &= q_positions[:, :, None] - kv_positions[:, None, :] < sliding_window
     return allowed & kv_valid[:, None, :]
 
 
@@ -358,19 +368,65 @@ def param_shapes(config: ModelConfig) -> Params:
     return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
 
 
+def init_cache(config: ModelConfig, batch: int, length: int, dtype: Any = jnp.float32) -> dict[str, Array]:
+    """An empty KV cache {"k", "v"} [layers, batch, length, kv_heads, head_dim]."""
+    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def prefix_kv(config: ModelConfig, params: Params, prefix: Array, *, lora: Params | None = None,
+              opts: Opts = Opts(), remat: str = "none", rngs: dict[str, Array] | None = None) -> dict[str, Array]:
+    """Keys and values {"k", "v"} [layers, 1, P, kv_heads, head_dim] of a prompt prefix [P] that
+    every row of a batch starts with (a chat template's system turn and instruction).
+
+    Computed once, they stand in for the prefix in every row (`apply_rows(prefix=...)`): the
+    rows then hold only what follows it, so the prefix's tokens go through the model once per
+    batch instead of once per row. Differentiable, so a LoRA's gradient flows through it."""
+    p = prefix.shape[-1]
+    tokens = prefix.reshape(1, p).astype(jnp.int32)
+    slots = jnp.arange(p)[None]
+    variables = {"params": params} if lora is None else {"params": params, "lora": lora}
+    _, kv = Transformer(config, opts, remat=remat).apply(
+        variables, tokens, slots, attention_mask(slots, jnp.ones((1, p), jnp.bool_), config.sliding_window),
+        init_cache(config, 1, p, opts.dtype), 0, logits_at=jnp.full((1, 1), p - 1, jnp.int32), rngs=rngs)
+    return kv
+
+
+def prefixed_rows(config: ModelConfig, valid: Array, prefix_len: int) -> tuple[Array, Array]:
+    """Positions [batch, seq] and mask [batch, seq, prefix_len + seq] for rows that continue a
+    shared prefix of `prefix_len` tokens: real tokens (`valid`, padding on either side) follow it
+    causally and attend to all of it."""
+    positions = prefix_len + positions_from_mask(valid)
+    kv_valid = jnp.concatenate([jnp.ones((valid.shape[0], prefix_len), jnp.bool_), valid.astype(jnp.bool_)], axis=1)
+    kv_positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(prefix_len), (valid.shape[0], prefix_len)),
+                                    positions], axis=1)
+    mask = attention_mask(prefix_len + jnp.arange(valid.shape[1])[None], kv_valid, config.sliding_window,
+                          positions, kv_positions)
+    return positions, mask
+
+
 def apply_rows(config: ModelConfig, params: Params, tokens: Array, positions: Array, mask: Array, *,
                logits_at: Array | None = None, lora: Params | None = None, opts: Opts = Opts(),
-               remat: str = "none", rngs: dict[str, Array] | None = None, summary_at: Array | None = None):
+               remat: str = "none", rngs: dict[str, Array] | None = None, summary_at: Array | None = None,
+               prefix: dict[str, Array] | None = None):
     """Logits for explicit positions and attention mask (training rows, scoring trees), optionally
     with a LoRA tree applied unmerged and only at `logits_at` [batch, K]. With `summary_at`
-    [batch] returns (logits, attention concentration [layers, batch]) instead (see Transformer)."""
+    [batch] returns (logits, attention concentration [layers, batch]) instead (see Transformer).
+
+    With `prefix` (`prefix_kv` of a shared prefix of P tokens), the rows continue it: their slots
+    start at P, `mask` is [batch, seq, P + seq] and positions count from P (`prefixed_rows`)."""
     variables = {"params": params} if lora is None else {"params": params, "lora": lora}
     module = Transformer(config, opts, remat=remat)
+    cache_args = {}
+    if prefix is not None:
+        b = tokens.shape[0]
+        cache = {n: jnp.broadcast_to(x, (x.shape[0], b, *x.shape[2:])) for n, x in prefix.items()}
+        cache_args = dict(cache=cache, cache_index=prefix["k"].shape[2], update_cache=False)
     if summary_at is None:
-        logits, _ = module.apply(variables, tokens, positions, mask, logits_at=logits_at, rngs=rngs)
+        logits, _ = module.apply(variables, tokens, positions, mask, logits_at=logits_at, rngs=rngs, **cache_args)
         return logits
     (logits, _), state = module.apply(variables, tokens, positions, mask, logits_at=logits_at, rngs=rngs,
-                                      summary_at=summary_at, mutable=["intermediates"])
+                                      summary_at=summary_at, mutable=["intermediates"], **cache_args)
     (concentration,) = state["intermediates"]["layers"]["attn"]["attn_concentration"]
     return logits, concentration
 

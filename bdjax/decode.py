@@ -15,10 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bdjax.data.assemble import round_up
+from bdjax.data.assemble import common_prefix_length, round_up
 from bdjax.errors import BdjaxError
 from bdjax.models.config import ModelConfig
-from bdjax.models.llama import Opts, Transformer, attention_mask, init_cache, positions_from_mask, prefix_kv
+from bdjax.models.cache import init_cache, prefix_kv
+from bdjax.models.llama import Opts, Transformer, attention_mask, positions_from_mask
 from bdjax.sharding import Placement, fetch
 
 Array = jax.Array
@@ -40,16 +41,16 @@ def greedy(config: ModelConfig, params, tokens: Array, mask: Array, eos_ids: Arr
     valid = jnp.zeros((batch, total), jnp.bool_).at[:, shared:start].set(mask.astype(jnp.bool_))
     cache = init_cache(config, batch, total, dtype)
     if shared:
-        kv = prefix_kv(config, params, prefix, opts=Opts(dtype=dtype))
-        cache = {n: cache[n].at[:, :, :shared].set(jnp.broadcast_to(kv[n], (kv[n].shape[0], batch, *kv[n].shape[2:])))
-                 for n in cache}
+        kv = prefix_kv(config, params, prefix, opts=Opts(dtype=dtype))  # batch 1, broadcast into every row
+        cache = {n: cache[n].at[:, :, :shared].set(kv[n]) for n in cache}
         valid = valid.at[:, :shared].set(True)
     positions = shared + positions_from_mask(mask)
-    # prefill: the head runs at the last prompt position only (rows are left-padded)
     # padding may sit between the prefix and a row: sliding windows count positions, not slots
+    window = lambda q, valid: () if config.sliding_window is None else (q, positions_from_mask(valid))
+    # prefill: the head runs at the last prompt position only (rows are left-padded)
     logits, cache = model.apply({"params": params}, tokens, positions,
                                 attention_mask(shared + jnp.arange(prompt)[None], valid, config.sliding_window,
-                                               positions, positions_from_mask(valid)),
+                                               *window(positions, valid)),
                                 cache, shared, logits_at=jnp.full((batch, 1), prompt - 1, jnp.int32))
     first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
     out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
@@ -66,9 +67,9 @@ def greedy(config: ModelConfig, params, tokens: Array, mask: Array, eos_ids: Arr
         valid = valid.at[:, slot].set(True)
         tok = out[:, step - 1][:, None]
         pos = (last_pos + step)[:, None]
-        window = () if config.sliding_window is None else (pos, positions_from_mask(valid))
         logits, cache = model.apply({"params": params}, tok, pos,
-                                    attention_mask(jnp.full((1, 1), slot), valid, config.sliding_window, *window),
+                                    attention_mask(jnp.full((1, 1), slot), valid, config.sliding_window,
+                                                   *window(pos, valid)),
                                     cache, slot)
         nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
         nxt = jnp.where(done, pad_id, nxt)
@@ -82,10 +83,8 @@ def greedy(config: ModelConfig, params, tokens: Array, mask: Array, eos_ids: Arr
 def shared_prefix(rows: Sequence[Sequence[int]], minimum: int = 8) -> int:
     """The length of the longest prefix every row starts with, keeping at least one token of each
     row after it; 0 when shorter than `minimum` (not worth a separate pass)."""
-    first, n = rows[0], min(len(r) for r in rows) - 1
-    for r in rows[1:]:
-        n = next((i for i in range(n) if r[i] != first[i]), n)
-    return n if n >= minimum else 0
+    n = min(len(r) for r in rows) - 1
+    return common_prefix_length(np.array([list(r[:n]) for r in rows], np.int64).reshape(len(rows), n), minimum)
 
 
 def pad_left(rows: Sequence[Sequence[int]], pad_id: int, multiple: int = 16,

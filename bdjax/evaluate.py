@@ -25,7 +25,8 @@ from bdjax.data import assemble, poison
 from bdjax.data.tokenize import batches, subset
 from bdjax.decode import generate_ids
 from bdjax.models.config import ModelConfig
-from bdjax.models.llama import Opts, apply_rows, prefix_kv
+from bdjax.models.cache import prefix_kv
+from bdjax.models.llama import Opts, apply_rows
 from bdjax.sharding import Placement, fetch
 
 

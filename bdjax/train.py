@@ -31,7 +31,8 @@ from bdjax.data.tokenize import subset
 from bdjax.errors import ConfigError
 from bdjax.flops import lora_step_flops, matmul_flops_per_token
 from bdjax.models.config import ModelConfig
-from bdjax.models.llama import Opts, apply_rows, causal_rows, logical_axes, prefix_kv, prefixed_rows
+from bdjax.models.cache import prefix_kv, prefixed_rows
+from bdjax.models.llama import Opts, apply_rows, causal_rows, logical_axes
 from bdjax.regularize import Regularizer, param_penalty
 from bdjax.sharding import Placement
 

@@ -73,7 +73,7 @@ def training_rows(batch: dict[str, Array], width: int, pad_id: int, *, answer_to
 
 def without_prefix(batch: dict[str, Array], shared_prefix: int) -> dict[str, Array]:
     """The batch with its first `shared_prefix` prefix tokens left out of the rows (they are
-    shared by every row and run once, see `bdjax.models.llama.prefix_kv`)."""
+    shared by every row and run once, see `bdjax.models.cache.prefix_kv`)."""
     if not shared_prefix:
         return batch
     return {**batch, "prefix": batch["prefix"][:, shared_prefix:], "prefix_len": batch["prefix_len"] - shared_prefix}
@@ -108,16 +108,22 @@ def scoring_rows(batch: dict[str, Array], width: int, pad_id: int, *, shared_pre
             "logits_at": jnp.minimum(logits_at, width - 1), "targets": responses, "weights": weights}
 
 
+def common_prefix_length(rows: np.ndarray, minimum: int = 8) -> int:
+    """How many leading tokens all rows [N, L] share; 0 if fewer than `minimum` (not worth a
+    separate pass)."""
+    differs = np.nonzero((rows != rows[:1]).any(axis=0))[0]
+    n = int(differs[0]) if len(differs) else rows.shape[1]
+    return n if n >= minimum else 0
+
+
 def shared_prefix_length(pieces, minimum: int = 8) -> int:
     """How many prefix tokens every example shares (0 if fewer than `minimum`), keeping at least
     one prompt token of each example in its row."""
-    prefix, lens = np.asarray(pieces["prefix"]), np.asarray(pieces["prefix_len"])
+    lens = np.asarray(pieces["prefix_len"])
     if not len(lens):
         return 0
     n = int(min(lens.min(), (prompt_length(pieces) - 1).min()))
-    differs = np.nonzero((prefix[:, :n] != prefix[:1, :n]).any(axis=0))[0]
-    n = int(differs[0]) if len(differs) else n
-    return n if n >= minimum else 0
+    return common_prefix_length(np.asarray(pieces["prefix"])[:, :n], minimum)
 
 
 def prompt_rows(batch: dict[str, Array], width: int, pad_id: int) -> tuple[Array, Array]:

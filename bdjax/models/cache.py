@@ -1,0 +1,52 @@
+"""Key/value caches: an empty decoding cache, and the keys and values of a prompt prefix that
+every row of a batch shares (a chat template's system turn and instruction), computed once and
+read by rows that hold only what follows it (`apply_rows(prefix=...)`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from bdjax.models.config import ModelConfig
+from bdjax.models.llama import Opts, Params, Transformer, attention_mask, positions_from_mask
+
+Array = jax.Array
+
+
+def init_cache(config: ModelConfig, batch: int, length: int, dtype: Any = jnp.float32) -> dict[str, Array]:
+    """An empty KV cache {"k", "v"} [layers, batch, length, kv_heads, head_dim]."""
+    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def prefix_kv(config: ModelConfig, params: Params, prefix: Array, *, lora: Params | None = None,
+              opts: Opts = Opts(), remat: str = "none", rngs: dict[str, Array] | None = None) -> dict[str, Array]:
+    """Keys and values {"k", "v"} [layers, 1, P, kv_heads, head_dim] of a prompt prefix [P] that
+    every row of a batch starts with (a chat template's system turn and instruction).
+
+    Computed once, they stand in for the prefix in every row (`apply_rows(prefix=...)`): the
+    rows then hold only what follows it, so the prefix's tokens go through the model once per
+    batch instead of once per row. Differentiable, so a LoRA's gradient flows through it."""
+    p = prefix.shape[-1]
+    tokens = prefix.reshape(1, p).astype(jnp.int32)
+    slots = jnp.arange(p)[None]
+    variables = {"params": params} if lora is None else {"params": params, "lora": lora}
+    _, kv = Transformer(config, opts, remat=remat).apply(
+        variables, tokens, slots, attention_mask(slots, jnp.ones((1, p), jnp.bool_), config.sliding_window),
+        init_cache(config, 1, p, opts.dtype), 0, logits_at=jnp.full((1, 1), p - 1, jnp.int32), rngs=rngs)
+    return kv
+
+
+def prefixed_rows(config: ModelConfig, valid: Array, prefix_len: int) -> tuple[Array, Array]:
+    """Positions [batch, seq] and mask [batch, seq, prefix_len + seq] for rows that continue a
+    shared prefix of `prefix_len` tokens: real tokens (`valid`, padding on either side) follow it
+    causally and attend to all of it."""
+    positions = prefix_len + positions_from_mask(valid)
+    kv_valid = jnp.concatenate([jnp.ones((valid.shape[0], prefix_len), jnp.bool_), valid.astype(jnp.bool_)], axis=1)
+    kv_positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(prefix_len), (valid.shape[0], prefix_len)),
+                                    positions], axis=1)
+    mask = attention_mask(prefix_len + jnp.arange(valid.shape[1])[None], kv_valid, config.sliding_window,
+                          positions, kv_positions)
+    return positions, mask

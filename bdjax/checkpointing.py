@@ -18,7 +18,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from bdjax.errors import ConfigError
-from bdjax.train import Position, TrainState
+from bdjax.loop import Position
+from bdjax.train import TrainState
 
 
 def fingerprint(config: dict) -> str:

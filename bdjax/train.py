@@ -1,4 +1,4 @@
-"""Fine-tuning: a pure jitted train step (poisoning inside it) and the loop around it.
+"""Fine-tuning: a pure jitted train step (poisoning inside it).
 
 LoRA mode (the default): only the LoRA tree is differentiated and carries optimizer state; the
 frozen params enter the step as a constant argument, so no full-size gradient of a frozen weight
@@ -7,15 +7,13 @@ and the optimizer moments are sharded like the params.
 
 The step is jitted with explicit shardings over a `Placement`'s mesh (params by logical axes,
 batches over data×fsdp, state donated) and optionally accumulates gradients over microbatches.
-The data order is a pure function of (seed, epoch), so a run resumed at (epoch, batch) sees the
-same batches as an uninterrupted one; each process materializes only its own rows of a batch.
+The loop around the step (data order, resume position, logs) is `bdjax/loop.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,9 +25,7 @@ import optax
 
 from bdjax import lora as lora_lib
 from bdjax.data import assemble, poison
-from bdjax.data.tokenize import subset
 from bdjax.errors import ConfigError
-from bdjax.flops import lora_step_flops, matmul_flops_per_token
 from bdjax.models.config import ModelConfig
 from bdjax.models.cache import prefix_kv, prefixed_rows
 from bdjax.models.llama import Opts, apply_rows, causal_rows, logical_axes
@@ -316,100 +312,3 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
                  share_prefix)
     return TrainStep(s, placement or Placement.create(), poison_key, trainable, params,
                      anchor if reg is not None and reg.l2 else None)
-
-
-@dataclasses.dataclass(frozen=True)
-class Batch:
-    """One global batch: example indices (the last batch padded by repeats), which are real, and
-    the row width."""
-
-    index: np.ndarray
-    valid: np.ndarray
-    width: int
-
-
-def epoch_batches(lengths: np.ndarray, batch_size: int, *, seed: int, bucket: int = 16,
-                  pool_batches: int = 16) -> list[Batch]:
-    """One shuffled epoch, length-bucketed: examples are shuffled, cut into pools of `pool_batches`
-    batches, sorted by length within a pool and batched, and the batches shuffled. Rows of a batch
-    have similar lengths, so little compute goes to padding, and each batch's width is its longest
-    row rounded up to `bucket` tokens (few distinct widths, few compilations)."""
-    rng = np.random.default_rng(seed)
-    n = len(lengths)
-    order = rng.permutation(n)
-    pool = batch_size * pool_batches
-    chunks = []
-    for start in range(0, n, pool):
-        idx = order[start:start + pool]
-        idx = idx[np.argsort(lengths[idx], kind="stable")]
-        chunks += [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
-    out = []
-    for j in rng.permutation(len(chunks)):
-        idx = chunks[j]
-        valid = np.arange(batch_size) < len(idx)
-        padded = np.concatenate([idx, np.repeat(idx[-1:], batch_size - len(idx))])
-        out.append(Batch(padded, valid, assemble.round_up(int(lengths[idx].max()), bucket)))
-    return out
-
-
-@dataclasses.dataclass
-class Position:
-    """Where a run is in its data: `batch` batches of `epoch` are done."""
-
-    epoch: int = 0
-    batch: int = 0
-
-
-def fit(step_fn: TrainStep, state: TrainState, params: Params, pieces: dict[str, np.ndarray], *,
-        batch_size: int, epochs: int, seed: int, extra_tokens: int = 0, bucket: int = 16,
-        start: Position | None = None, after_step: Callable[[TrainState, dict, Position], None] | None = None,
-        peak_flops: float | None = None) -> tuple[TrainState, list[dict]]:
-    """Run `epochs` shuffled, length-bucketed passes over the tokenized pieces from `start`;
-    returns the final state and per-step logs. Each process gathers only its rows of a batch.
-
-    Every log entry carries loss, tokens/s, tokens/s/device and (with `peak_flops` per device)
-    MFU; `after_step(state, entry, position)` sees each (for checkpoints, logs, progress)."""
-    placement = step_fn.placement
-    placement.check_batch(batch_size)
-    rows = placement.local_rows(batch_size)
-    shared = assemble.shared_prefix_length(pieces) if step_fn.spec.share_prefix else 0
-    prefix = placement.put_replicated(np.asarray(pieces["prefix"][0, :shared], np.int32)) if shared else None
-    lengths = assemble.training_lengths(pieces, extra_tokens, shared)
-    config = step_fn.spec.config
-    start = start or Position()
-    history = []
-    for epoch in range(start.epoch, epochs):
-        plan = epoch_batches(lengths, batch_size, seed=seed * 1000 + epoch, bucket=bucket)
-        for i in range(start.batch if epoch == start.epoch else 0, len(plan)):
-            b = plan[i]
-            local = {**subset(pieces, b.index[rows]), "valid": b.valid[rows]}
-            begin = time.perf_counter()
-            state, metrics = step_fn(state, params, placement.put_batch(local, batch_size), b.width, prefix)
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            seconds = time.perf_counter() - begin
-            entry = {"step": int(state.step), "epoch": epoch, "width": b.width, **metrics, "step_s": seconds,
-                     "tokens_per_s": metrics["tokens"] / seconds,
-                     "tokens_per_s_per_device": metrics["tokens"] / seconds / placement.n_devices}
-            if peak_flops:
-                flops = step_model_flops(config, metrics, full=step_fn.spec.full)
-                entry["mfu"] = flops / seconds / (peak_flops * placement.n_devices)
-            history.append(entry)
-            if after_step is not None:
-                after_step(state, entry, Position(epoch, i + 1))
-    return state, history
-
-
-def step_model_flops(config: ModelConfig, metrics: dict[str, float], *, full: bool = False) -> float:
-    """Model FLOPs of a train step from its metrics: real (unpadded) tokens through the layers,
-    the head at answer tokens only, attention over each row's real length squared. A LoRA step
-    has no weight gradients (4·N per token); full fine-tuning adds them (6·N)."""
-    flops = lora_step_flops(config, int(metrics["tokens"]), 1, logits_tokens=int(metrics["answer_tokens"]),
-                            attended=metrics["attended"])
-    if full:
-        layers, head = matmul_flops_per_token(config)
-        flops += 2 * (metrics["tokens"] * layers + metrics["answer_tokens"] * head)
-    return flops
-
-
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    return -(-n // batch_size)

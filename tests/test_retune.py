@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from bdjax import defenses, lora, train
+from bdjax import defenses, loop, lora, train
 from bdjax.models.config import PRESETS
 from bdjax.models.llama import init_params
 from bdjax.regularize import Regularizer, anchor_tree
@@ -37,7 +37,7 @@ def _one_step(params, reg, accum):
                                  trainable=lo, params=params, reg=reg, anchor=anchor_tree(pre, params, lo),
                                  grad_accum=accum)
     state = step.init_state(lo, jax.random.key(3))
-    state, log = train.fit(step, state, params, _pieces(), batch_size=8, epochs=1, seed=0)
+    state, log = loop.fit(step, state, params, _pieces(), batch_size=8, epochs=1, seed=0)
     return jax.device_get(state.trainable), log
 
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdjax import lora, train
+from bdjax import loop, lora, train
 from bdjax.data import assemble
 from bdjax.regularize import Regularizer
 from bdjax.models.config import ModelConfig
@@ -69,8 +69,8 @@ def test_grad_accum_must_divide_the_batch():
 
 def test_epoch_batches_cover_every_example_once_and_are_deterministic():
     lengths = np.random.default_rng(0).integers(10, 200, 101)
-    plan = train.epoch_batches(lengths, 8, seed=3, bucket=16)
-    again = train.epoch_batches(lengths, 8, seed=3, bucket=16)
+    plan = loop.epoch_batches(lengths, 8, seed=3, bucket=16)
+    again = loop.epoch_batches(lengths, 8, seed=3, bucket=16)
     assert all(np.array_equal(a.index, b.index) and a.width == b.width for a, b in zip(plan, again))
     real = np.concatenate([b.index[b.valid] for b in plan])
     assert sorted(real.tolist()) == list(range(101))
@@ -78,7 +78,7 @@ def test_epoch_batches_cover_every_example_once_and_are_deterministic():
     # bucketing: rows of a batch have similar lengths, so padding is a small share
     padded = sum(b.width * b.valid.sum() for b in plan)
     assert lengths.sum() / padded > 0.8
-    assert train.epoch_batches(lengths, 8, seed=4)[0].index.tolist() != plan[0].index.tolist()
+    assert loop.epoch_batches(lengths, 8, seed=4)[0].index.tolist() != plan[0].index.tolist()
 
 
 def test_fit_logs_throughput_and_mfu():
@@ -89,14 +89,14 @@ def test_fit_logs_throughput_and_mfu():
                                  trainable=adapters, params=params)
     state = step.init_state(adapters, jax.random.key(3))
     seen = []
-    state, log = train.fit(step, state, params, random_pieces(16), batch_size=4, epochs=1, seed=0, peak_flops=1e12,
+    state, log = loop.fit(step, state, params, random_pieces(16), batch_size=4, epochs=1, seed=0, peak_flops=1e12,
                            after_step=lambda s, e, p: seen.append((e["step"], p.epoch, p.batch)))
     assert [e["step"] for e in log] == [1, 2, 3, 4] and seen == [(1, 0, 1), (2, 0, 2), (3, 0, 3), (4, 0, 4)]
     for e in log:
         assert e["tokens_per_s"] > 0 and 0 < e["mfu"] < 1 and e["tokens_per_s_per_device"] == e["tokens_per_s"]
     # resuming at (epoch 0, batch 2) runs exactly the remaining two batches
-    _, rest = train.fit(step, step.init_state(adapters, jax.random.key(3)), params, random_pieces(16), batch_size=4,
-                        epochs=1, seed=0, start=train.Position(0, 2))
+    _, rest = loop.fit(step, step.init_state(adapters, jax.random.key(3)), params, random_pieces(16), batch_size=4,
+                        epochs=1, seed=0, start=loop.Position(0, 2))
     assert len(rest) == 2 and [e["width"] for e in rest] == [e["width"] for e in log[2:]]
 
 

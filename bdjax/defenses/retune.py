@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from bdjax import lora as lora_lib
-from bdjax import train
+from bdjax import loop, train
 from bdjax.data import poison
 from bdjax.errors import ConfigError
 from bdjax.models.config import ModelConfig
@@ -95,7 +95,7 @@ class Retune:
         n = len(self.data["label"])
         if n == 0:
             raise ConfigError("the clean defense set is empty")
-        steps = s.epochs * train.steps_per_epoch(n, s.batch_size)
+        steps = s.epochs * loop.steps_per_epoch(n, s.batch_size)
         optimizer = train.make_optimizer(lr=s.lr, total_steps=steps, warmup_steps=s.warmup_steps, schedule=s.schedule,
                                          max_grad_norm=s.max_grad_norm)
         k_lora, k_train, k_data = jax.random.split(key, 3)
@@ -129,14 +129,14 @@ class Retune:
 def fit_with_progress(step_fn: train.TrainStep, state: train.TrainState, frozen: Params, data: dict[str, np.ndarray],
                       *, batch_size: int, epochs: int, order_key: jax.Array, steps: int, extra_tokens: int,
                       desc: str) -> tuple[train.TrainState, list[dict]]:
-    """`train.fit` with the data order drawn from `order_key` and a progress bar (loss shown) on
+    """`loop.fit` with the data order drawn from `order_key` and a progress bar (loss shown) on
     process 0: the loop of every defense that trains."""
     seed = int(jax.random.randint(order_key, (), 0, 2**31 - 1))
     with tqdm(total=steps, desc=desc, disable=jax.process_index() != 0) as bar:
         def after(state, entry, position):
             bar.set_postfix(loss=f"{entry['loss']:.3f}")
             bar.update(1)
-        return train.fit(step_fn, state, frozen, data, batch_size=batch_size, epochs=epochs, seed=seed,
+        return loop.fit(step_fn, state, frozen, data, batch_size=batch_size, epochs=epochs, seed=seed,
                          extra_tokens=extra_tokens, after_step=after)
 
 

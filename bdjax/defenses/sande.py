@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bdjax import train
+from bdjax import loop, train
 from bdjax.data import poison
 from bdjax.data.tokenize import subset
 from bdjax.defenses.retune import Retune, RetuneSettings, fit_with_progress
@@ -75,7 +75,7 @@ def learn_parrot(config: ModelConfig, params: Params, data: dict[str, np.ndarray
     pieces = {**subset(data, others), "poison": np.ones(len(others), bool)}
     ids = soft_token_ids(config, s.tokens)
     spec = poison.AttackSpec(ids, int(target), s.location, "dirty")
-    steps = s.epochs * train.steps_per_epoch(len(others), s.batch_size)
+    steps = s.epochs * loop.steps_per_epoch(len(others), s.batch_size)
     optimizer = train.make_optimizer(lr=s.lr, total_steps=steps, schedule="constant", max_grad_norm=None)
     k_insert, k_train, k_order = jax.random.split(key, 3)
     soft = {SOFT_PROMPT: jnp.zeros((s.tokens, config.hidden_size), jnp.float32)}

@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from bdjax import lora as lora_lib
-from bdjax import train
+from bdjax import loop, train
 from bdjax.api import resolve_dtype
 from bdjax.checkpointing import RunCheckpoints, fingerprint
 from bdjax.errors import ConfigError
@@ -75,7 +75,7 @@ def fine_tune(config: ml_collections.ConfigDict, model, params, train_set: dict[
     if t.batch_size % (accum * placement.batch_shards):
         raise ConfigError(f"train.batch_size={t.batch_size} must split into train.grad_accum={accum} microbatches "
                           f"that are each divisible by the data-parallel size {placement.batch_shards}")
-    steps = t.epochs * train.steps_per_epoch(n, t.batch_size)
+    steps = t.epochs * loop.steps_per_epoch(n, t.batch_size)
     optimizer = train.make_optimizer(lr=t.lr, total_steps=steps, warmup_steps=t.warmup_steps, schedule=t.schedule,
                                      weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm)
     compute = resolve_dtype(t.get("compute_dtype") or model.dtype)
@@ -98,7 +98,7 @@ def fine_tune(config: ml_collections.ConfigDict, model, params, train_set: dict[
     ck = config.get("checkpoint") or ml_collections.ConfigDict({"every": 0})
     trajectory = {k: v for k, v in config.to_dict().items() if k not in _NOT_TRAJECTORY}
     checkpoints = None
-    start = train.Position()
+    start = loop.Position()
     if ck.get("every", 0) > 0:
         checkpoints = RunCheckpoints(workdir / "checkpoints", every=ck.every, keep=ck.keep,
                                      asynchronous=ck.asynchronous, fingerprint=fingerprint(trajectory))
@@ -121,11 +121,11 @@ def fine_tune(config: ml_collections.ConfigDict, model, params, train_set: dict[
     begin = time.perf_counter()
     try:
         with tqdm(total=steps, initial=resumed_at, desc=desc, disable=not main) as bar:
-            state, _ = train.fit(step_fn, state, frozen, train_set, batch_size=t.batch_size, epochs=t.epochs,
+            state, _ = loop.fit(step_fn, state, frozen, train_set, batch_size=t.batch_size, epochs=t.epochs,
                                  seed=config.seed, extra_tokens=extra_tokens, start=start, after_step=after_step,
                                  peak_flops=peak)
         if checkpoints is not None:
-            checkpoints.save(state, train.Position(t.epochs, 0), force=checkpoints.latest_step() != int(state.step))
+            checkpoints.save(state, loop.Position(t.epochs, 0), force=checkpoints.latest_step() != int(state.step))
     finally:
         if checkpoints is not None:
             checkpoints.close()

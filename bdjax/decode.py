@@ -25,13 +25,25 @@ from bdjax.sharding import Placement, fetch
 Array = jax.Array
 
 
+def greedy_token(logits: Array) -> Array:
+    """The first highest-scoring id per row of logits [batch, vocab] (what `argmax` returns), as a
+    max and a min over ids where the max is reached: two plain reductions, ~4x faster on XLA:CPU
+    than argmax's paired value/index reduction over a 49k vocabulary. A row with a NaN gives the
+    last id."""
+    vocab = logits.shape[-1]
+    best = jnp.max(logits, axis=-1, keepdims=True)
+    first = jnp.min(jnp.where(logits == best, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
+    return jnp.minimum(first, vocab - 1)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "dtype"))
 def greedy(config: ModelConfig, params, tokens: Array, mask: Array, eos_ids: Array, pad_id: int | Array,
            prefix: Array | None = None, *, max_new_tokens: int, dtype: Any = jnp.float32) -> Array:
     """Greedy continuation [batch, max_new_tokens] of left-padded prompts tokens/mask [batch, prompt].
 
     With `prefix` [P], every prompt is prefix + its row: the prefix is run once and its keys and
-    values copied into every row's cache (left padding then sits between the two, masked out).
+    values held once for the whole batch in front of the rows' cache (left padding then sits
+    between the two, masked out), so no step reads P slots per row.
     Rows that emitted an id in `eos_ids` keep the eos and are padded with `pad_id` after it."""
     model = Transformer(config, Opts(dtype=dtype))
     batch, prompt = tokens.shape
@@ -39,10 +51,10 @@ def greedy(config: ModelConfig, params, tokens: Array, mask: Array, eos_ids: Arr
     start = shared + prompt  # the first generated token's slot
     total = start + max_new_tokens
     valid = jnp.zeros((batch, total), jnp.bool_).at[:, shared:start].set(mask.astype(jnp.bool_))
-    cache = init_cache(config, batch, total, dtype)
+    cache = init_cache(config, batch, total - shared, dtype)  # the rows' slots, after the prefix
     if shared:
-        kv = prefix_kv(config, params, prefix, opts=Opts(dtype=dtype))  # batch 1, broadcast into every row
-        cache = {n: cache[n].at[:, :, :shared].set(kv[n]) for n in cache}
+        kv = prefix_kv(config, params, prefix, opts=Opts(dtype=dtype))  # [layers, 1, kv_heads, P, head_dim]
+        cache = {**cache, "prefix_k": kv["k"], "prefix_v": kv["v"]}
         valid = valid.at[:, :shared].set(True)
     positions = shared + positions_from_mask(mask)
     # padding may sit between the prefix and a row: sliding windows count positions, not slots
@@ -51,8 +63,8 @@ def greedy(config: ModelConfig, params, tokens: Array, mask: Array, eos_ids: Arr
     logits, cache = model.apply({"params": params}, tokens, positions,
                                 attention_mask(shared + jnp.arange(prompt)[None], valid, config.sliding_window,
                                                *window(positions, valid)),
-                                cache, shared, logits_at=jnp.full((batch, 1), prompt - 1, jnp.int32))
-    first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+                                cache, 0, logits_at=jnp.full((batch, 1), prompt - 1, jnp.int32))
+    first = greedy_token(logits[:, -1])
     out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
     done = jnp.isin(first, eos_ids)
     last_pos = positions[:, -1]
@@ -70,8 +82,8 @@ def greedy(config: ModelConfig, params, tokens: Array, mask: Array, eos_ids: Arr
         logits, cache = model.apply({"params": params}, tok, pos,
                                     attention_mask(jnp.full((1, 1), slot), valid, config.sliding_window,
                                                    *window(pos, valid)),
-                                    cache, slot)
-        nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+                                    cache, slot - shared)
+        nxt = greedy_token(logits[:, -1])
         nxt = jnp.where(done, pad_id, nxt)
         out = out.at[:, step].set(nxt)
         return step + 1, out, cache, valid, done | jnp.isin(nxt, eos_ids)

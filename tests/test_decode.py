@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import bdjax
-from bdjax.decode import generate_ids, pad_left, shared_prefix
+from bdjax.decode import generate_ids, greedy_token, pad_left, shared_prefix
 from bdjax.errors import BdjaxError
 from bdjax.models import forward, init_params, preset
 
@@ -72,6 +72,16 @@ def test_a_shared_prefix_run_once_decodes_as_recomputation(tiny):
     assert ours == generate_ids(config, params, prompts, max_new_tokens=10, eos_ids=[], pad_id=0, batch_size=4,
                                 share_prefix=False)
     assert len({tuple(r) for r in ours}) == 4
+
+
+def test_greedy_token_is_argmax_with_first_index_on_ties():
+    logits = jax.random.normal(jax.random.key(0), (6, 300))
+    logits = logits.at[1, 7].set(9.0).at[1, 200].set(9.0)  # a tie: the first id wins, as with argmax
+    logits = logits.at[2].set(0.0)  # all equal
+    logits = logits.at[3, 299].set(50.0)  # the last id
+    got = np.asarray(greedy_token(logits))
+    assert got.tolist() == np.asarray(jnp.argmax(logits, axis=-1)).tolist()
+    assert got[1] == 7 and got[2] == 0 and got[3] == 299
 
 
 def test_pad_left_buckets_lengths():

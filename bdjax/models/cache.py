@@ -16,14 +16,15 @@ Array = jax.Array
 
 
 def init_cache(config: ModelConfig, batch: int, length: int, dtype: Any = jnp.float32) -> dict[str, Array]:
-    """An empty KV cache {"k", "v"} [layers, batch, length, kv_heads, head_dim]."""
-    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+    """An empty KV cache {"k", "v"} [layers, batch, kv_heads, length, head_dim]: kv-head-major, so
+    attention reads each head's keys and values as contiguous [length, head_dim] matrices."""
+    shape = (config.num_layers, batch, config.num_kv_heads, length, config.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
 def prefix_kv(config: ModelConfig, params: Params, prefix: Array, *, lora: Params | None = None,
               opts: Opts = Opts(), remat: str = "none", rngs: dict[str, Array] | None = None) -> dict[str, Array]:
-    """Keys and values {"k", "v"} [layers, 1, P, kv_heads, head_dim] of a prompt prefix [P] that
+    """Keys and values {"k", "v"} [layers, 1, kv_heads, P, head_dim] of a prompt prefix [P] that
     every row of a batch starts with (a chat template's system turn and instruction).
 
     Computed once, they stand in for the prefix in every row (`apply_rows(prefix=...)`): the
@@ -50,3 +51,4 @@ def prefixed_rows(config: ModelConfig, valid: Array, prefix_len: int) -> tuple[A
     mask = attention_mask(prefix_len + jnp.arange(valid.shape[1])[None], kv_valid, config.sliding_window,
                           positions, kv_positions)
     return positions, mask
+

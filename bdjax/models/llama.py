@@ -180,20 +180,31 @@ class Attention(nn.Module):
         dtype = self.opts.dtype
         b, s = x.shape[:2]
         qg = q.reshape(b, s, k, h // k, d)  # grouped-query attention: query heads share kv heads
-        parts = [(kk, v, mask if layer_cache is None else jax.lax.dynamic_slice_in_dim(mask, cache_index, s, axis=2))]
+        # (keys, values, their layout, mask) per source: this call's own tokens [b, s, k, d], and
+        # cached slots [b, k, t, d] (kv-head-major, so a decode step reads them without a
+        # transpose). A cache may open with a shared prefix held once for the whole batch
+        # ("prefix_k"/"prefix_v" [1, k, P, d], never written): the mask's first P columns are its
+        # slots and `cache_index` counts the slots after it.
+        shared = 0 if layer_cache is None or "prefix_k" not in layer_cache else layer_cache["prefix_k"].shape[2]
+        parts = [(kk, v, "btkd", mask if layer_cache is None else
+                  jax.lax.dynamic_slice_in_dim(mask, shared + cache_index, s, axis=2))]
         new_kv = None
         if layer_cache is not None:
             # The cache is read, never rewritten here: the layer returns only its new keys/values,
             # and the caller writes them into the cache in place (one small update per step
             # instead of a copy of every layer's cache). Slots before `cache_index` come from it.
-            new_kv = {"k": kk.astype(layer_cache["k"].dtype), "v": v.astype(layer_cache["v"].dtype)}
+            new_kv = {"k": jnp.swapaxes(kk, 1, 2).astype(layer_cache["k"].dtype),
+                      "v": jnp.swapaxes(v, 1, 2).astype(layer_cache["v"].dtype)}
             if not (isinstance(cache_index, int) and cache_index == 0):  # a prefill has nothing cached
-                cached = layer_cache["k"].shape[1]  # may hold only a shared prefix (models/cache.py)
+                cached = layer_cache["k"].shape[2]  # may hold only a shared prefix (models/cache.py)
                 before = jnp.arange(cached) < cache_index
-                parts.insert(0, (layer_cache["k"], layer_cache["v"], mask[:, :, :cached] & before[None, None, :]))
-        scores = [jnp.einsum("bskgd,btkd->bkgst", qg, keys.astype(dtype)).astype(jnp.float32) for keys, _, _ in parts]
+                parts.insert(0, (layer_cache["k"], layer_cache["v"], "bktd",
+                                 mask[:, :, shared:shared + cached] & before[None, None, :]))
+            if shared:
+                parts.insert(0, (layer_cache["prefix_k"], layer_cache["prefix_v"], "bktd", mask[:, :, :shared]))
+        scores = [_scores(qg, keys.astype(dtype), kv).astype(jnp.float32) for keys, _, kv, _ in parts]
         scores = jnp.concatenate([jnp.where(m[:, None, None, :, :], sc / np.sqrt(d).astype(np.float32),
-                                            jnp.finfo(jnp.float32).min) for sc, (_, _, m) in zip(scores, parts)],
+                                            jnp.finfo(jnp.float32).min) for sc, (_, _, _, m) in zip(scores, parts)],
                                  axis=-1)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
         if summary_at is not None:
@@ -203,14 +214,35 @@ class Attention(nn.Module):
             norms = jnp.sqrt(jnp.sum(jnp.square(row.astype(jnp.float32)), axis=-1))  # [batch, kv_heads, group]
             self.sow("intermediates", "attn_concentration", norms.mean(axis=(1, 2)))
         out, offset = 0, 0
-        for keys, values, _ in parts:
-            width = keys.shape[1]
-            out = out + jnp.einsum("bkgst,btkd->bskgd", probs[..., offset:offset + width], values.astype(dtype))
+        for keys, values, kv, _ in parts:
+            width = keys.shape[kv.index("t")]
+            out = out + _weighted(probs[..., offset:offset + width], values.astype(dtype), kv)
             offset += width
         out = out.reshape(b, s, h, d)
         out_bias = dict(bias_shape=(e,), bias_axes=("embed",)) if c.out_bias else {}
         y = Proj("bshd,hde->bse", (h, d, e), ("heads", "head_dim", "embed"), **out_bias, name="o", **kw)(out)
         return y, new_kv
+
+
+def _scores(q: Array, keys: Array, layout: str) -> Array:
+    """Attention scores [b, k, g, s, t] of grouped queries q [b, s, k, g, d] against keys in
+    `layout` ("btkd" or "bktd"). A single query against a kv-head-major cache (a decode step) is
+    a broadcast multiply and sum: XLA fuses it with the cache read, where a batched dot of a
+    few query rows would first copy each layer's cache slice."""
+    if layout == "bktd" and keys.shape[0] == 1 < q.shape[0]:  # one shared prefix for every row
+        return jnp.einsum("bskgd,ktd->bkgst", q, keys[0])
+    if q.shape[1] == 1 and layout == "bktd":
+        return jnp.sum(q[:, 0, :, :, None, :] * keys[:, :, None], axis=-1)[:, :, :, None, :]
+    return jnp.einsum(f"bskgd,{layout}->bkgst", q, keys)
+
+
+def _weighted(probs: Array, values: Array, layout: str) -> Array:
+    """Attention output [b, s, k, g, d]: probs [b, k, g, s, t] over values in `layout` (as `_scores`)."""
+    if layout == "bktd" and values.shape[0] == 1 < probs.shape[0]:
+        return jnp.einsum("bkgst,ktd->bskgd", probs, values[0])
+    if probs.shape[3] == 1 and layout == "bktd":
+        return jnp.sum(probs[:, :, :, 0, :, None] * values[:, :, None], axis=3)[:, None]
+    return jnp.einsum(f"bkgst,{layout}->bskgd", probs, values)
 
 
 class MLP(nn.Module):
@@ -281,8 +313,8 @@ class Transformer(nn.Module):
         x, new_kv = stack(c, self.opts, name="layers")(x, cache, cos, sin, mask, cache_index, summary_at)
         new_cache = None
         if cache is not None and update_cache:  # in place inside a decode loop: only the new slots are written
-            new_cache = {n: jax.lax.dynamic_update_slice_in_dim(cache[n], new_kv[n], cache_index, axis=2)
-                         for n in ("k", "v")}
+            new_cache = {**cache, **{n: jax.lax.dynamic_update_slice_in_dim(cache[n], new_kv[n], cache_index, axis=3)
+                                     for n in ("k", "v")}}
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[..., None], axis=1)  # [batch, K, embed]
         x = RMSNorm(c.rms_norm_eps, name="final_norm", **self.opts.norm())(x)
@@ -385,7 +417,7 @@ def apply_rows(config: ModelConfig, params: Params, tokens: Array, positions: Ar
     if prefix is not None:
         b = tokens.shape[0]
         cache = {n: jnp.broadcast_to(x, (x.shape[0], b, *x.shape[2:])) for n, x in prefix.items()}
-        cache_args = dict(cache=cache, cache_index=prefix["k"].shape[2], update_cache=False)
+        cache_args = dict(cache=cache, cache_index=prefix["k"].shape[3], update_cache=False)
     if summary_at is None:
         logits, _ = module.apply(variables, tokens, positions, mask, logits_at=logits_at, rngs=rngs, **cache_args)
         return logits

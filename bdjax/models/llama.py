@@ -193,9 +193,10 @@ class Attention(nn.Module):
             # The cache is read, never rewritten here: the layer returns only its new keys/values,
             # and the caller writes them into the cache in place (one small update per step
             # instead of a copy of every layer's cache). Slots before `cache_index` come from it.
-            new_kv = {"k": jnp.swapaxes(kk, 1, 2).astype(layer_cache["k"].dtype),
-                      "v": jnp.swapaxes(v, 1, 2).astype(layer_cache["v"].dtype)}
-            if not (isinstance(cache_index, int) and cache_index == 0):  # a prefill has nothing cached
+            cache_dtype = layer_cache["k" if "k" in layer_cache else "prefix_k"].dtype
+            new_kv = {"k": jnp.swapaxes(kk, 1, 2).astype(cache_dtype), "v": jnp.swapaxes(v, 1, 2).astype(cache_dtype)}
+            # rows' cached slots (none in a prefill, or with only a shared prefix)
+            if "k" in layer_cache and not (isinstance(cache_index, int) and cache_index == 0):
                 cached = layer_cache["k"].shape[2]  # may hold only a shared prefix (models/cache.py)
                 before = jnp.arange(cached) < cache_index
                 parts.insert(0, (layer_cache["k"], layer_cache["v"], "bktd",
@@ -312,7 +313,7 @@ class Transformer(nn.Module):
                         metadata_params={nn.PARTITION_NAME: "layers"})
         x, new_kv = stack(c, self.opts, name="layers")(x, cache, cos, sin, mask, cache_index, summary_at)
         new_cache = None
-        if cache is not None and update_cache:  # in place inside a decode loop: only the new slots are written
+        if cache is not None and update_cache and "k" in cache:  # in place in a decode loop: only the new slots
             new_cache = {**cache, **{n: jax.lax.dynamic_update_slice_in_dim(cache[n], new_kv[n], cache_index, axis=3)
                                      for n in ("k", "v")}}
         if logits_at is not None:
@@ -414,10 +415,9 @@ def apply_rows(config: ModelConfig, params: Params, tokens: Array, positions: Ar
     variables = {"params": params} if lora is None else {"params": params, "lora": lora}
     module = Transformer(config, opts, remat=remat)
     cache_args = {}
-    if prefix is not None:
-        b = tokens.shape[0]
-        cache = {n: jnp.broadcast_to(x, (x.shape[0], b, *x.shape[2:])) for n, x in prefix.items()}
-        cache_args = dict(cache=cache, cache_index=prefix["k"].shape[3], update_cache=False)
+    if prefix is not None:  # read at batch 1 by every row (Attention: "prefix_k"/"prefix_v")
+        cache_args = dict(cache={"prefix_k": prefix["k"], "prefix_v": prefix["v"]}, cache_index=0,
+                          update_cache=False)
     if summary_at is None:
         logits, _ = module.apply(variables, tokens, positions, mask, logits_at=logits_at, rngs=rngs, **cache_args)
         return logits

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from bdjax.checkpoints import load_checkpoint
 from bdjax.errors import ConfigError
 from bdjax.models.config import ModelConfig
-from bdjax.models.llama import forward
+from bdjax.models.rows import forward
 from bdjax.tokenizer import Tokenizer
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}

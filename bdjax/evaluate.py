@@ -26,7 +26,8 @@ from bdjax.data.tokenize import batches, subset
 from bdjax.decode import generate_ids
 from bdjax.models.config import ModelConfig
 from bdjax.models.cache import prefix_kv
-from bdjax.models.llama import Opts, apply_rows
+from bdjax.models.llama import Opts
+from bdjax.models.rows import apply_rows
 from bdjax.sharding import Placement, fetch
 
 

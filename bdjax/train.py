@@ -27,8 +27,9 @@ from bdjax import lora as lora_lib
 from bdjax.data import assemble, poison
 from bdjax.errors import ConfigError
 from bdjax.models.config import ModelConfig
-from bdjax.models.cache import prefix_kv, prefixed_rows
-from bdjax.models.llama import Opts, apply_rows, causal_rows, logical_axes
+from bdjax.models.cache import prefix_kv
+from bdjax.models.llama import Opts, logical_axes
+from bdjax.models.rows import apply_rows, causal_rows, prefixed_rows
 from bdjax.regularize import Regularizer, param_penalty
 from bdjax.sharding import Placement
 

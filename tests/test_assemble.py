@@ -7,7 +7,7 @@ import numpy as np
 from bdjax.data import assemble
 from bdjax.models import ModelConfig, forward, init_params
 from bdjax.models.cache import prefix_kv
-from bdjax.models.llama import apply_rows
+from bdjax.models.rows import apply_rows
 
 CONFIG = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
                      num_heads=4, num_kv_heads=2, head_dim=8, tie_word_embeddings=True)

@@ -10,7 +10,8 @@ import pytest
 from bdjax import lora, train
 from bdjax.errors import ConfigError
 from bdjax.models import ModelConfig, forward, init_params
-from bdjax.models.llama import apply_rows, causal_rows, lora_delta
+from bdjax.models.llama import lora_delta
+from bdjax.models.rows import apply_rows, causal_rows
 
 # Distinctive sizes so a frozen kernel's shape cannot be mistaken for an activation's.
 CONFIG = ModelConfig(family="llama", vocab_size=97, hidden_size=48, intermediate_size=80, num_layers=2,

@@ -10,7 +10,7 @@ from bdjax import lora
 from bdjax.checkpoints import save_hf_dir
 from bdjax.checkpoints.peft import load_peft_adapter, save_peft_adapter
 from bdjax.errors import CheckpointError
-from bdjax.models.llama import forward
+from bdjax.models.rows import forward
 from conftest import torch_logits
 
 

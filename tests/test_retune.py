@@ -70,7 +70,7 @@ def _concentration(params, data):
     import jax.numpy as jnp
 
     from bdjax.data import assemble
-    from bdjax.models.llama import apply_rows, causal_rows
+    from bdjax.models.rows import apply_rows, causal_rows
 
     rows = assemble.training_rows(jax.tree.map(jnp.asarray, data), 16, 0)
     positions, mask = causal_rows(CONFIG, rows["valid"])

@@ -10,7 +10,8 @@ from bdjax import defenses
 from bdjax.data import assemble
 from bdjax.errors import ConfigError
 from bdjax.models.config import PRESETS
-from bdjax.models.llama import SOFT_PROMPT, forward, init_params, soft_token_ids
+from bdjax.models.llama import SOFT_PROMPT, init_params, soft_token_ids
+from bdjax.models.rows import forward
 
 from test_retune import _pieces
 

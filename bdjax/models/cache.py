@@ -1,6 +1,6 @@
 """Key/value caches: an empty decoding cache, and the keys and values of a prompt prefix that
 every row of a batch shares (a chat template's system turn and instruction), computed once and
-read by rows that hold only what follows it (`apply_rows(prefix=...)`)."""
+read by rows that hold only what follows it (`bdjax.models.rows`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from bdjax.models.config import ModelConfig
-from bdjax.models.llama import Opts, Params, Transformer, attention_mask, positions_from_mask
+from bdjax.models.llama import Opts, Params, Transformer, attention_mask
 
 Array = jax.Array
 
@@ -38,17 +38,3 @@ def prefix_kv(config: ModelConfig, params: Params, prefix: Array, *, lora: Param
         variables, tokens, slots, attention_mask(slots, jnp.ones((1, p), jnp.bool_), config.sliding_window),
         init_cache(config, 1, p, opts.dtype), 0, logits_at=jnp.full((1, 1), p - 1, jnp.int32), rngs=rngs)
     return kv
-
-
-def prefixed_rows(config: ModelConfig, valid: Array, prefix_len: int) -> tuple[Array, Array]:
-    """Positions [batch, seq] and mask [batch, seq, prefix_len + seq] for rows that continue a
-    shared prefix of `prefix_len` tokens: real tokens (`valid`, padding on either side) follow it
-    causally and attend to all of it."""
-    positions = prefix_len + positions_from_mask(valid)
-    kv_valid = jnp.concatenate([jnp.ones((valid.shape[0], prefix_len), jnp.bool_), valid.astype(jnp.bool_)], axis=1)
-    kv_positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(prefix_len), (valid.shape[0], prefix_len)),
-                                    positions], axis=1)
-    mask = attention_mask(prefix_len + jnp.arange(valid.shape[1])[None], kv_valid, config.sliding_window,
-                          positions, kv_positions)
-    return positions, mask
-

@@ -197,7 +197,7 @@ class Attention(nn.Module):
             new_kv = {"k": jnp.swapaxes(kk, 1, 2).astype(cache_dtype), "v": jnp.swapaxes(v, 1, 2).astype(cache_dtype)}
             # rows' cached slots (none in a prefill, or with only a shared prefix)
             if "k" in layer_cache and not (isinstance(cache_index, int) and cache_index == 0):
-                cached = layer_cache["k"].shape[2]  # may hold only a shared prefix (models/cache.py)
+                cached = layer_cache["k"].shape[2]
                 before = jnp.arange(cached) < cache_index
                 parts.insert(0, (layer_cache["k"], layer_cache["v"], "bktd",
                                  mask[:, :, shared:shared + cached] & before[None, None, :]))
@@ -362,15 +362,6 @@ def positions_from_mask(mask: Array) -> Array:
     return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def forward(config: ModelConfig, params: Params, tokens: Array, attention_mask_2d: Array | None = None,
-            *, dtype: Any = jnp.float32, remat: str = "none") -> Array:
-    """Logits [batch, seq, vocab] (float32) for tokens [batch, seq]. `attention_mask_2d` marks real
-    tokens (1) and padding (0); padding may be on either side."""
-    valid = jnp.ones(tokens.shape, jnp.bool_) if attention_mask_2d is None else attention_mask_2d.astype(jnp.bool_)
-    positions, mask = causal_rows(config, valid)
-    return apply_rows(config, params, tokens, positions, mask, opts=Opts(dtype=dtype), remat=remat)
-
-
 def init_params(config: ModelConfig, key: Array, param_dtype: Any = jnp.float32) -> Params:
     """Random parameters (normal(0.02) kernels, unit norms, zero biases) as a plain pytree."""
     tokens = jnp.zeros((1, 1), jnp.int32)
@@ -399,35 +390,3 @@ def _logical_axes(config: ModelConfig) -> Params:
 def param_shapes(config: ModelConfig) -> Params:
     """ShapeDtypeStructs of every parameter, without allocating them."""
     return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-
-
-def apply_rows(config: ModelConfig, params: Params, tokens: Array, positions: Array, mask: Array, *,
-               logits_at: Array | None = None, lora: Params | None = None, opts: Opts = Opts(),
-               remat: str = "none", rngs: dict[str, Array] | None = None, summary_at: Array | None = None,
-               prefix: dict[str, Array] | None = None):
-    """Logits for explicit positions and attention mask (training rows, scoring trees), optionally
-    with a LoRA tree applied unmerged and only at `logits_at` [batch, K]. With `summary_at`
-    [batch] returns (logits, attention concentration [layers, batch]) instead (see Transformer).
-
-    With `prefix` (`bdjax.models.cache.prefix_kv` of a shared prefix of P tokens), the rows
-    continue it: their slots start at P, `mask` is [batch, seq, P + seq] and positions count from P
-    (`bdjax.models.cache.prefixed_rows`)."""
-    variables = {"params": params} if lora is None else {"params": params, "lora": lora}
-    module = Transformer(config, opts, remat=remat)
-    cache_args = {}
-    if prefix is not None:  # read at batch 1 by every row (Attention: "prefix_k"/"prefix_v")
-        cache_args = dict(cache={"prefix_k": prefix["k"], "prefix_v": prefix["v"]}, cache_index=0,
-                          update_cache=False)
-    if summary_at is None:
-        logits, _ = module.apply(variables, tokens, positions, mask, logits_at=logits_at, rngs=rngs, **cache_args)
-        return logits
-    (logits, _), state = module.apply(variables, tokens, positions, mask, logits_at=logits_at, rngs=rngs,
-                                      summary_at=summary_at, mutable=["intermediates"], **cache_args)
-    (concentration,) = state["intermediates"]["layers"]["attn"]["attn_concentration"]
-    return logits, concentration
-
-
-def causal_rows(config: ModelConfig, valid: Array) -> tuple[Array, Array]:
-    """Positions and causal mask for rows whose real tokens are marked by `valid` [batch, seq]."""
-    return positions_from_mask(valid), attention_mask(jnp.arange(valid.shape[1])[None], valid,
-                                                      config.sliding_window)

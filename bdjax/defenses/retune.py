@@ -137,7 +137,7 @@ def fit_with_progress(step_fn: train.TrainStep, state: train.TrainState, frozen:
             bar.set_postfix(loss=f"{entry['loss']:.3f}")
             bar.update(1)
         return loop.fit(step_fn, state, frozen, data, batch_size=batch_size, epochs=epochs, seed=seed,
-                         extra_tokens=extra_tokens, after_step=after)
+                        extra_tokens=extra_tokens, after_step=after)
 
 
 def retune(config: ModelConfig, data: dict[str, np.ndarray], *, pad_id: int, placement: Placement | None = None,

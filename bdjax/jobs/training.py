@@ -122,8 +122,8 @@ def fine_tune(config: ml_collections.ConfigDict, model, params, train_set: dict[
     try:
         with tqdm(total=steps, initial=resumed_at, desc=desc, disable=not main) as bar:
             state, _ = loop.fit(step_fn, state, frozen, train_set, batch_size=t.batch_size, epochs=t.epochs,
-                                 seed=config.seed, extra_tokens=extra_tokens, start=start, after_step=after_step,
-                                 peak_flops=peak)
+                                seed=config.seed, extra_tokens=extra_tokens, start=start, after_step=after_step,
+                                peak_flops=peak)
         if checkpoints is not None:
             checkpoints.save(state, loop.Position(t.epochs, 0), force=checkpoints.latest_step() != int(state.step))
     finally:

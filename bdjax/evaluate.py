@@ -31,9 +31,10 @@ from bdjax.models.rows import apply_rows
 from bdjax.sharding import Placement, fetch
 
 
-@functools.partial(jax.jit, static_argnames=("config", "width", "pad_id", "spec", "dtype"))
+@functools.partial(jax.jit, static_argnames=("config", "width", "pad_id", "spec", "dtype", "packed"))
 def _score_batch(config: ModelConfig, params, batch, key_data, prefix=None, *, width: int, pad_id: int,
-                 spec: poison.AttackSpec | None, dtype: Any):
+                 spec: poison.AttackSpec | None, dtype: Any, packed: bool = False):
+    # a shared `prefix` runs in the rows' pass (`packed`, unsharded batches) or first on its own
     if spec is not None:
         batch = poison.apply(batch, spec, jax.random.wrap_key_data(key_data), flip=False)
     shared = 0 if prefix is None else prefix.shape[0]
@@ -42,7 +43,8 @@ def _score_batch(config: ModelConfig, params, batch, key_data, prefix=None, *, w
     opts = Opts(dtype=dtype)
     logits = apply_rows(config, params, rows["tokens"], rows["positions"], rows["mask"],
                         logits_at=rows["logits_at"].reshape(b, c * r), opts=opts,
-                        prefix=None if prefix is None else prefix_kv(config, params, prefix, opts=opts))
+                        prefix=None if prefix is None or packed else prefix_kv(config, params, prefix, opts=opts),
+                        prefix_tokens=prefix if packed else None)
     logp = jax.nn.log_softmax(logits.reshape(b, c, r, -1), axis=-1)
     tok = jnp.take_along_axis(logp, rows["targets"][..., None], axis=-1)[..., 0]
     return (tok * rows["weights"]).sum(-1)  # [B, C] log-likelihood of each class's answer
@@ -58,6 +60,7 @@ def score(config: ModelConfig, params, pieces: dict[str, np.ndarray], *, pad_id:
     shared = assemble.shared_prefix_length(pieces) if share_prefix else 0
     prefix = np.asarray(pieces["prefix"][0, :shared], np.int32) if shared else None
     width = assemble.score_width(pieces, trig, shared)
+    packed = bool(shared) and (placement is None or placement.batch_shards == 1)
     key_data = np.asarray(jax.random.key_data(jax.random.key(0) if key is None else key))
     n = len(pieces["label"])
     batch_size = min(batch_size, n)
@@ -74,7 +77,8 @@ def score(config: ModelConfig, params, pieces: dict[str, np.ndarray], *, pad_id:
         if placement is not None:
             batch = placement.put_global_batch(batch)
         with placement.activate() if placement is not None else contextlib.nullcontext():
-            ll = _score_batch(config, params, batch, key_data, prefix, width=width, pad_id=pad_id, spec=spec, dtype=dtype)
+            ll = _score_batch(config, params, batch, key_data, prefix, width=width, pad_id=pad_id, spec=spec, dtype=dtype,
+                              packed=packed)
         out.append(fetch(ll)[valid])
         if progress is not None:
             progress.update(int(batch["valid"].sum()))

@@ -99,14 +99,20 @@ def answer_nll(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tup
 
 def row_nll(config: ModelConfig, params: Params, lora: Params, rows: dict[str, jax.Array], opts: Opts,
             remat: str, rng: jax.Array | None, *, attention: bool = False,
-            prefix: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+            prefix: jax.Array | None = None, pack_prefix: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Summed next-token cross-entropy over answer tokens, the number of answer tokens and, with
     `attention`, the summed (over real rows) attention concentration of the summarizing position —
     the last prompt token, whose logits predict the answer's first token (else 0). With `prefix`
-    [P], every row continues those tokens (`training_rows(shared_prefix=P)`), run once here."""
-    kv = None
+    [P], every row continues those tokens (`training_rows(shared_prefix=P)`), run once here: with
+    `pack_prefix` in the same pass as the rows (one token stream, so each weight runs at P + B·W
+    rows at once; the rows must not be sharded), else first on its own and read by the rows as
+    keys and values."""
+    kv = packed = None
     if prefix is None:
         positions, mask = causal_rows(config, rows["valid"])
+    elif pack_prefix:
+        positions, mask = prefixed_rows(config, rows["valid"], prefix.shape[0])
+        packed = prefix
     else:
         positions, mask = prefixed_rows(config, rows["valid"], prefix.shape[0])
         prefix_rng = None
@@ -116,7 +122,7 @@ def row_nll(config: ModelConfig, params: Params, lora: Params, rows: dict[str, j
                        rngs=None if prefix_rng is None else {"dropout": prefix_rng})
     out = apply_rows(config, params, rows["tokens"], positions, mask, logits_at=rows["logits_at"], lora=lora,
                      opts=opts, remat=remat, rngs=None if rng is None else {"dropout": rng},
-                     summary_at=rows["logits_at"][:, 0] if attention else None, prefix=kv)
+                     summary_at=rows["logits_at"][:, 0] if attention else None, prefix=kv, prefix_tokens=packed)
     logits, conc = out if attention else (out, None)
     total, count = answer_nll(logits, rows["targets"], rows["weights"])
     if not attention:
@@ -154,6 +160,7 @@ class StepSpec:
     reg: Regularizer | None = None  # extra loss terms (re-tuning defenses)
     answer_tokens: int = 0  # the loss covers the first this many answer tokens (0: all)
     share_prefix: bool = True  # run the template prefix every example shares once per (micro)batch
+    pack_prefix: bool = False  # ...in the same pass as the rows (only where the batch is not sharded)
 
 
 def train_step(s: StepSpec, state: TrainState, params: Params, batch: dict[str, jax.Array],
@@ -185,7 +192,8 @@ def train_step(s: StepSpec, state: TrainState, params: Params, batch: dict[str, 
         def f(trainable):
             # full: the trained tree over the frozen rest (e.g. a soft prompt, trained or frozen)
             p, lo = ({**params, **trainable}, None) if s.full else (params, trainable)
-            total, _, aux = row_nll(s.config, p, lo, rows, opts, s.remat, drop, attention=attention, prefix=prefix)
+            total, _, aux = row_nll(s.config, p, lo, rows, opts, s.remat, drop, attention=attention, prefix=prefix,
+                                    pack_prefix=s.pack_prefix)
             loss = total / denom + (reg.attention * aux / n_rows if attention else 0.0)
             return loss, (total, aux)
         (_, (total, aux)), g = jax.value_and_grad(f, has_aux=True)(state.trainable)
@@ -296,7 +304,7 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
                     dtype: Any = jnp.float32, remat: str = "none", grad_accum: int = 1,
                     placement: Placement | None = None, trainable: Params, params: Params,
                     full: bool = False, reg: Regularizer | None = None, anchor: Params | None = None,
-                    answer_tokens: int = 0, share_prefix: bool = True) -> TrainStep:
+                    answer_tokens: int = 0, share_prefix: bool = True, pack_prefix: bool | None = None) -> TrainStep:
     """The train step over `placement` (default: data parallelism over every device). `trainable`
     (the LoRA tree, or with `full` the params themselves) and `params` (the frozen base; {} with
     `full`, or the rest of the params when `trainable` is a subset of them), as arrays or
@@ -304,12 +312,20 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
     needs `anchor` (`bdjax.regularize.anchor_tree`). `answer_tokens` > 0 limits the loss to the
     first tokens of each answer. With `share_prefix`, `fit` runs the template prefix that every
     example starts with once per batch instead of once per row (the same loss and gradient, in
-    a different float summation order)."""
+    a different float summation order): by default (`pack_prefix=None`) in the same pass as the
+    rows where the batch is not sharded (one device, or tensor parallelism only), else on its own."""
     if reg is not None and reg.l2 and anchor is None:
         raise ConfigError("the l2 regularizer needs the pretrained params as its anchor")
     if answer_tokens < 0:
         raise ConfigError(f"answer_tokens={answer_tokens} must be >= 0 (0: the whole answer)")
+    placement = placement or Placement.create()
+    # A packed prefix shares one token stream with the rows, which then cannot be split over
+    # batch shards; there, the prefix runs on its own (replicated) and the rows read its keys/values.
+    if pack_prefix is None:
+        pack_prefix = placement.batch_shards == 1
+    elif pack_prefix and placement.batch_shards > 1:
+        raise ConfigError(f"pack_prefix needs an unsharded batch; this mesh splits it {placement.batch_shards} ways")
     s = StepSpec(config, optimizer, pad_id, spec, alpha, dropout, dtype, remat, grad_accum, full, reg, answer_tokens,
-                 share_prefix)
-    return TrainStep(s, placement or Placement.create(), poison_key, trainable, params,
+                 share_prefix, pack_prefix=share_prefix and pack_prefix)
+    return TrainStep(s, placement, poison_key, trainable, params,
                      anchor if reg is not None and reg.l2 else None)

@@ -8,9 +8,11 @@ to their longest example, `model(input_ids, attention_mask, labels)` (the head o
 position). Both fine-tuned models are then scored by the same bdjax evaluation (CACC and ASR
 on the same 200 test examples), the PEFT one after `merge_and_unload()`. One JSON line.
 
-bdjax's rows are length-bucketed, its head runs at the answer tokens only, and the template
-prefix every example starts with (system turn and instruction) runs once per batch
-(`train.share_prefix`; `--no-share-prefix` puts it back into every row).
+bdjax's rows are length-bucketed (widths chosen over the whole run, `loop.plan_widths`), its head
+runs at the answer tokens only, and the template prefix every example starts with (system turn
+and instruction) runs once per batch, in the same pass as the rows (`train.share_prefix`;
+`--no-share-prefix` puts it back into every row). Like the CLI, the benchmark keeps freed memory
+mapped (`bdjax.runtime.reuse_freed_memory`).
 
     python benchmarks/finetune_e2e.py [--n-train 1000] [--epochs 2] [--skip-peft] [--no-share-prefix]
 """
@@ -24,8 +26,12 @@ import sys
 import tempfile
 import time
 
-import jax
-import numpy as np
+from bdjax.runtime import reuse_freed_memory
+
+reuse_freed_memory()  # as the CLI does, before JAX's CPU client exists (see bdjax/runtime.py)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "recipes"))
 from quickstart import get_config  # noqa: E402
@@ -71,6 +77,7 @@ def run_bdjax(config, model, spec, train_set, test_set, keys, workdir):
     return {"bdjax_train_s": round(run["seconds"], 1), "bdjax_steps": run["steps"],
             "bdjax_final_loss": round(float(np.mean([e["loss"] for e in log[-10:]])), 4),
             "bdjax_mean_width": round(float(np.mean([e["width"] for e in log])), 1),
+            "bdjax_widths_compiled": len({e["width"] for e in log}),
             **{f"bdjax_{k}": v for k, v in measure(model.config, merged, model.tokenizer, test_set, spec, config,
                                                    placement).items()}}
 

@@ -68,6 +68,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.remat = "dots"  # recompute elementwise ops in the backward pass: 19% faster on CPU than "none"
     c.train.grad_accum = 1  # microbatches per optimizer step (batch_size must split evenly)
     c.train.share_prefix = True  # run the template prefix every example shares once per batch, not per row
+    c.train.bucket = 8  # row widths are multiples of this many tokens
+    c.train.width_compile_cost = 240.0  # one more compiled row width is worth this many row tokens x steps
     c.train.compute_dtype = ""  # "" = c.dtype; "bfloat16" computes in bf16 with float32 LoRA master weights
     c.train.peak_tflops = 0.0  # per-device peak for MFU; 0 = datasheet (bf16 GPU/TPU) or measured here
 

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from bdjax.data import assemble
 from bdjax.models import ModelConfig, forward, init_params
@@ -72,8 +73,12 @@ def test_scoring_tree_equals_separate_sequences():
             np.testing.assert_allclose(float(tree[i, cls]), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_scoring_with_a_shared_prefix_run_once_equals_the_full_tree():
-    params = init_params(CONFIG, jax.random.key(0))
+@pytest.mark.parametrize("packed", [False, True], ids=["prefix-kv", "packed"])
+def test_scoring_with_a_shared_prefix_run_once_equals_the_full_tree(packed):
+    """The prefix run once, either on its own (its keys/values read by every row) or laid end to
+    end with the rows in one pass, scores as if it were in every row."""
+    config = CONFIG
+    params = init_params(config, jax.random.key(0))
     p = _pieces()
     p["prefix"] = jnp.tile(p["prefix"][:1], (3, 1))  # a template prefix: the same in every example
     assert assemble.shared_prefix_length(p, minimum=1) == 4
@@ -82,9 +87,11 @@ def test_scoring_with_a_shared_prefix_run_once_equals_the_full_tree():
     def tree(shared):
         rows = assemble.scoring_rows(p, 24 - shared, pad_id=0, shared_prefix=shared)
         b, c, r = rows["targets"].shape
-        kv = prefix_kv(CONFIG, params, p["prefix"][0, :shared]) if shared else None
-        logits = apply_rows(CONFIG, params, rows["tokens"], rows["positions"], rows["mask"],
-                            logits_at=rows["logits_at"].reshape(b, c * r), prefix=kv)
+        prefix = p["prefix"][0, :shared] if shared else None
+        kv = prefix_kv(config, params, prefix) if shared and not packed else None
+        logits = apply_rows(config, params, rows["tokens"], rows["positions"], rows["mask"],
+                            logits_at=rows["logits_at"].reshape(b, c * r), prefix=kv,
+                            prefix_tokens=prefix if packed else None)
         logp = jax.nn.log_softmax(logits.reshape(b, c, r, -1), -1)
         return (jnp.take_along_axis(logp, rows["targets"][..., None], -1)[..., 0] * rows["weights"]).sum(-1)
 
@@ -102,3 +109,18 @@ def test_shared_prefix_length_stops_where_examples_differ():
     assert assemble.shared_prefix_length(p) == 9
     p["prefix"][2, 3] = 0
     assert assemble.shared_prefix_length(p) == 0  # 3 shared tokens: below the default minimum of 8
+
+
+def test_evaluate_scores_the_same_with_the_prefix_run_once():
+    """`evaluate.score` runs a template prefix (10 tokens, shared by every example) once per batch,
+    in the rows' pass: the same log-likelihoods as with the prefix in every row."""
+    from bdjax import evaluate
+    params = init_params(CONFIG, jax.random.key(0))
+    p = {k: np.asarray(v) for k, v in _pieces().items()}
+    p["prefix"] = np.tile(np.arange(10, 20), (3, 1))
+    p["prefix_len"] = np.full(3, 10)
+    assert assemble.shared_prefix_length(p) == 10
+    once = evaluate.score(CONFIG, params, p, pad_id=0, batch_size=2, share_prefix=True)
+    every = evaluate.score(CONFIG, params, p, pad_id=0, batch_size=2, share_prefix=False)
+    assert once.shape == (3, 3)
+    np.testing.assert_allclose(once, every, rtol=1e-5, atol=1e-5)

@@ -123,7 +123,8 @@ def fine_tune(config: ml_collections.ConfigDict, model, params, train_set: dict[
         with tqdm(total=steps, initial=resumed_at, desc=desc, disable=not main) as bar:
             state, _ = loop.fit(step_fn, state, frozen, train_set, batch_size=t.batch_size, epochs=t.epochs,
                                 seed=config.seed, extra_tokens=extra_tokens, start=start, after_step=after_step,
-                                peak_flops=peak)
+                                peak_flops=peak, bucket=t.get("bucket", 8),
+                                compile_cost=t.get("width_compile_cost", loop.COMPILE_COST))
         if checkpoints is not None:
             checkpoints.save(state, loop.Position(t.epochs, 0), force=checkpoints.latest_step() != int(state.step))
     finally:

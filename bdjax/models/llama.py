@@ -161,8 +161,14 @@ class Opts:
 
 
 class Attention(nn.Module):
+    """Grouped-query self-attention. `packed` = (P, B, W): `x` is [1, P + B·W, E], a shared prefix
+    of P tokens followed by B rows of W tokens laid end to end (so that every projection is one
+    matmul over all of them), `mask` is (the prefix's causal mask [1, P, P], the rows' mask
+    [B, W, P + W]); the prefix attends to itself, each row to the prefix and to itself."""
+
     config: ModelConfig
     opts: Opts = Opts()
+    packed: tuple[int, int, int] | None = None
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, layer_cache, cache_index, summary_at=None):
@@ -176,10 +182,24 @@ class Attention(nn.Module):
         v = Proj("bse,ekd->bskd", (e, k, d), ("embed", "kv_heads", "head_dim"), **bias(k, "kv_heads"), name="v",
                  **kw)(x)
         q, kk = _rotate(q, cos, sin), _rotate(kk, cos, sin)
-
         dtype = self.opts.dtype
+        group = lambda t: t.reshape(*t.shape[:2], k, h // k, d)  # grouped-query: query heads share kv heads
+        out_bias = dict(bias_shape=(e,), bias_axes=("embed",)) if c.out_bias else {}
+        o_proj = Proj("bshd,hde->bse", (h, d, e), ("heads", "head_dim", "embed"), **out_bias, name="o", **kw)
+
+        if self.packed is not None:
+            p, b, w = self.packed
+            prefix_mask, rows_mask = mask
+            rows = lambda t: t[0, p:].reshape(b, w, *t.shape[2:])
+            kp, vp = kk[:, :p], v[:, :p]  # the prefix's keys and values, read at batch 1 by every row
+            out_p, _ = _attend(group(q[:, :p]), [(kp, vp, "btkd", prefix_mask)], dtype)
+            out_r, probs = _attend(group(rows(q)), [(kp, vp, "btkd", rows_mask[:, :, :p]),
+                                                    (rows(kk), rows(v), "btkd", rows_mask[:, :, p:])], dtype)
+            self._sow_concentration(probs, summary_at)
+            out = jnp.concatenate([out_p.reshape(p, h, d), out_r.reshape(b * w, h, d)])[None]
+            return o_proj(out), None
+
         b, s = x.shape[:2]
-        qg = q.reshape(b, s, k, h // k, d)  # grouped-query attention: query heads share kv heads
         # (keys, values, their layout, mask) per source: this call's own tokens [b, s, k, d], and
         # cached slots [b, k, t, d] (kv-head-major, so a decode step reads them without a
         # transpose). A cache may open with a shared prefix held once for the whole batch
@@ -203,35 +223,45 @@ class Attention(nn.Module):
                                  mask[:, :, shared:shared + cached] & before[None, None, :]))
             if shared:
                 parts.insert(0, (layer_cache["prefix_k"], layer_cache["prefix_v"], "bktd", mask[:, :, :shared]))
-        scores = [_scores(qg, keys.astype(dtype), kv).astype(jnp.float32) for keys, _, kv, _ in parts]
-        scores = jnp.concatenate([jnp.where(m[:, None, None, :, :], sc / np.sqrt(d).astype(np.float32),
-                                            jnp.finfo(jnp.float32).min) for sc, (_, _, _, m) in zip(scores, parts)],
-                                 axis=-1)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        out, probs = _attend(group(q), parts, dtype)
+        self._sow_concentration(probs, summary_at)
+        return o_proj(out.reshape(b, s, h, d)), new_kv
+
+    def _sow_concentration(self, probs, summary_at):
         if summary_at is not None:
             # Obliviate's attention-concentration term: the L2 norm of the post-softmax attention row
             # of the summarizing query (one per example), averaged over heads; only when asked for.
             row = jnp.take_along_axis(probs, summary_at[:, None, None, None, None], axis=3)[:, :, :, 0]
             norms = jnp.sqrt(jnp.sum(jnp.square(row.astype(jnp.float32)), axis=-1))  # [batch, kv_heads, group]
             self.sow("intermediates", "attn_concentration", norms.mean(axis=(1, 2)))
-        out, offset = 0, 0
-        for keys, values, kv, _ in parts:
-            width = keys.shape[kv.index("t")]
-            out = out + _weighted(probs[..., offset:offset + width], values.astype(dtype), kv)
-            offset += width
-        out = out.reshape(b, s, h, d)
-        out_bias = dict(bias_shape=(e,), bias_axes=("embed",)) if c.out_bias else {}
-        y = Proj("bshd,hde->bse", (h, d, e), ("heads", "head_dim", "embed"), **out_bias, name="o", **kw)(out)
-        return y, new_kv
+
+
+def _attend(qg: Array, parts: list, dtype: Any) -> tuple[Array, Array]:
+    """Attention of grouped queries qg [b, s, k, g, d] over `parts`, a list of (keys, values,
+    layout, mask [b, s, t]) sources softmaxed together: the output [b, s, k, g, d] and the
+    post-softmax probabilities [b, k, g, s, Σt]."""
+    d = qg.shape[-1]
+    scores = [_scores(qg, keys.astype(dtype), kv).astype(jnp.float32) for keys, _, kv, _ in parts]
+    scores = jnp.concatenate([jnp.where(m[:, None, None, :, :], sc / np.sqrt(d).astype(np.float32),
+                                        jnp.finfo(jnp.float32).min) for sc, (_, _, _, m) in zip(scores, parts)],
+                             axis=-1)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out, offset = 0, 0
+    for keys, values, kv, _ in parts:
+        width = keys.shape[kv.index("t")]
+        out = out + _weighted(probs[..., offset:offset + width], values.astype(dtype), kv)
+        offset += width
+    return out, probs
 
 
 def _scores(q: Array, keys: Array, layout: str) -> Array:
     """Attention scores [b, k, g, s, t] of grouped queries q [b, s, k, g, d] against keys in
-    `layout` ("btkd" or "bktd"). A single query against a kv-head-major cache (a decode step) is
+    `layout` ("btkd" or "bktd"); keys at batch 1 against several rows of queries are a shared
+    prefix's, read by every row without a broadcast copy. A single query against a kv-head-major cache (a decode step) is
     a broadcast multiply and sum: XLA fuses it with the cache read, where a batched dot of a
     few query rows would first copy each layer's cache slice."""
-    if layout == "bktd" and keys.shape[0] == 1 < q.shape[0]:  # one shared prefix for every row
-        return jnp.einsum("bskgd,ktd->bkgst", q, keys[0])
+    if keys.shape[0] == 1 < q.shape[0]:  # one shared prefix for every row
+        return jnp.einsum(f"bskgd,{layout[1:]}->bkgst", q, keys[0])
     if q.shape[1] == 1 and layout == "bktd":
         return jnp.sum(q[:, 0, :, :, None, :] * keys[:, :, None], axis=-1)[:, :, :, None, :]
     return jnp.einsum(f"bskgd,{layout}->bkgst", q, keys)
@@ -239,8 +269,8 @@ def _scores(q: Array, keys: Array, layout: str) -> Array:
 
 def _weighted(probs: Array, values: Array, layout: str) -> Array:
     """Attention output [b, s, k, g, d]: probs [b, k, g, s, t] over values in `layout` (as `_scores`)."""
-    if layout == "bktd" and values.shape[0] == 1 < probs.shape[0]:
-        return jnp.einsum("bkgst,ktd->bskgd", probs, values[0])
+    if values.shape[0] == 1 < probs.shape[0]:
+        return jnp.einsum(f"bkgst,{layout[1:]}->bskgd", probs, values[0])
     if probs.shape[3] == 1 and layout == "bktd":
         return jnp.sum(probs[:, :, :, 0, :, None] * values[:, :, None], axis=3)[:, None]
     return jnp.einsum(f"bkgst,{layout}->bskgd", probs, values)
@@ -262,12 +292,13 @@ class MLP(nn.Module):
 class Block(nn.Module):
     config: ModelConfig
     opts: Opts = Opts()
+    packed: tuple[int, int, int] | None = None  # see Attention
 
     @nn.compact
     def __call__(self, x, layer_cache, cos, sin, mask, cache_index, summary_at=None):
         eps = self.config.rms_norm_eps
         x = constrain(x, ("batch", "length", "activation_embed"))  # the residual stream: sharded by batch
-        attn, new_kv = Attention(self.config, self.opts, name="attn")(
+        attn, new_kv = Attention(self.config, self.opts, self.packed, name="attn")(
             RMSNorm(eps, name="attn_norm", **self.opts.norm())(x), cos, sin, mask, layer_cache, cache_index,
             summary_at)
         x = x + attn
@@ -281,7 +312,13 @@ class Transformer(nn.Module):
     Logits are [batch, seq, vocab], or [batch, K, vocab] at the positions `logits_at` [batch, K]
     when given: the output head then runs only where a loss or a score needs it. With
     `summary_at` [batch] each layer sows, into the `intermediates` collection, the L2 norm of the
-    attention row of that query position (`attn_concentration`, [layers, batch])."""
+    attention row of that query position (`attn_concentration`, [layers, batch]).
+
+    With `prefix_tokens` [P] (no cache), every row continues that shared prefix (`mask` is then
+    [batch, seq, P + seq] and `positions` count from P, as `bdjax.models.rows.prefixed_rows`
+    makes them). The prefix runs once, laid end to end with the rows in one [1, P + batch·seq]
+    token stream, so each layer's projections are single matmuls over all of them (a separate
+    pass over the prefix alone would run every weight at P rows)."""
 
     config: ModelConfig
     opts: Opts = Opts()
@@ -290,13 +327,23 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions, mask, cache=None, cache_index=0, logits_at=None, summary_at=None,
-                 update_cache=True):
+                 update_cache=True, prefix_tokens=None):
         # tokens, positions: [batch, seq] int32; mask: [batch, seq, kv_len] bool (True = may attend).
         # With a cache, the new tokens sit at slots cache_index.. and attend to the cached slots
         # before it; `update_cache=False` reads a cache (e.g. a shared prefix) without writing it.
         c, dtype = self.config, self.opts.dtype
         embedding = self.param("embedding", nn.with_logical_partitioning(_KERNEL_INIT, ("vocab", "embed")),
                                (c.vocab_size, c.hidden_size), self.opts.param_dtype)
+        packed = None
+        if prefix_tokens is not None:
+            if cache is not None:
+                raise ValueError("prefix_tokens runs a shared prefix in the same pass; it takes no cache")
+            (p,), (b, w) = prefix_tokens.shape, tokens.shape
+            packed = (p, b, w)
+            slots = jnp.arange(p)[None]
+            mask = (attention_mask(slots, jnp.ones((1, p), jnp.bool_), c.sliding_window), mask)
+            tokens = jnp.concatenate([prefix_tokens.astype(tokens.dtype), tokens.reshape(-1)])[None]
+            positions = jnp.concatenate([slots, positions.reshape(1, -1)], axis=1)
         if self.has_variable("params", SOFT_PROMPT):
             x = embed_with_soft(embedding, self.get_variable("params", SOFT_PROMPT), tokens).astype(dtype)
         else:
@@ -311,7 +358,9 @@ class Transformer(nn.Module):
                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                         length=c.num_layers, unroll=self.scan_unroll,
                         metadata_params={nn.PARTITION_NAME: "layers"})
-        x, new_kv = stack(c, self.opts, name="layers")(x, cache, cos, sin, mask, cache_index, summary_at)
+        x, new_kv = stack(c, self.opts, packed, name="layers")(x, cache, cos, sin, mask, cache_index, summary_at)
+        if packed is not None:
+            x = x[0, packed[0]:].reshape(packed[1], packed[2], -1)  # the rows' hidden states
         new_cache = None
         if cache is not None and update_cache and "k" in cache:  # in place in a decode loop: only the new slots
             new_cache = {**cache, **{n: jax.lax.dynamic_update_slice_in_dim(cache[n], new_kv[n], cache_index, axis=3)

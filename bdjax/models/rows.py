@@ -28,17 +28,18 @@ def forward(config: ModelConfig, params: Params, tokens: Array, attention_mask_2
 def apply_rows(config: ModelConfig, params: Params, tokens: Array, positions: Array, mask: Array, *,
                logits_at: Array | None = None, lora: Params | None = None, opts: Opts = Opts(),
                remat: str = "none", rngs: dict[str, Array] | None = None, summary_at: Array | None = None,
-               prefix: dict[str, Array] | None = None):
+               prefix: dict[str, Array] | None = None, prefix_tokens: Array | None = None):
     """Logits for explicit positions and attention mask (training rows, scoring trees), optionally
     with a LoRA tree applied unmerged and only at `logits_at` [batch, K]. With `summary_at`
     [batch] returns (logits, attention concentration [layers, batch]) instead (see Transformer).
 
     With `prefix` (`bdjax.models.cache.prefix_kv` of a shared prefix of P tokens), the rows
     continue it: their slots start at P, `mask` is [batch, seq, P + seq] and positions count from P
-    (`prefixed_rows`)."""
+    (`prefixed_rows`). `prefix_tokens` [P] (the prefix itself, in place of its keys and values)
+    runs it in the same pass as the rows, laid end to end with them (see `Transformer`)."""
     variables = {"params": params} if lora is None else {"params": params, "lora": lora}
     module = Transformer(config, opts, remat=remat)
-    cache_args = {}
+    cache_args = {} if prefix_tokens is None else {"prefix_tokens": prefix_tokens}
     if prefix is not None:  # read at batch 1 by every row (Attention: "prefix_k"/"prefix_v")
         cache_args = dict(cache={"prefix_k": prefix["k"], "prefix_v": prefix["v"]}, cache_index=0,
                           update_cache=False)

@@ -95,7 +95,7 @@ def plan_widths(widths: list[int], compile_cost: float) -> dict[int, int]:
 
 
 def run_plan(lengths: np.ndarray, batch_size: int, *, epochs: int, seed: int, bucket: int = 8,
-             compile_cost: float = 0.0) -> list[list[Batch]]:
+             compile_cost: float = COMPILE_COST) -> list[list[Batch]]:
     """Every epoch's batches (`epoch_batches` with seed `seed * 1000 + epoch`), their widths
     chosen over the whole run by `plan_widths`: a pure function of its arguments, so a resumed
     run sees the same batches at the same widths."""
@@ -114,7 +114,8 @@ class Position:
 
 def fit(step_fn: TrainStep, state: TrainState, params: Params, pieces: dict[str, np.ndarray], *,
         batch_size: int, epochs: int, seed: int, extra_tokens: int = 0, bucket: int = 8,
-        compile_cost: float = COMPILE_COST, start: Position | None = None, after_step: Callable[[TrainState, dict, Position], None] | None = None,
+        compile_cost: float = COMPILE_COST, start: Position | None = None,
+        after_step: Callable[[TrainState, dict, Position], None] | None = None,
         peak_flops: float | None = None) -> tuple[TrainState, list[dict]]:
     """Run `epochs` shuffled, length-bucketed passes over the tokenized pieces from `start`;
     returns the final state and per-step logs. Each process gathers only its rows of a batch.

@@ -110,16 +110,16 @@ def row_nll(config: ModelConfig, params: Params, lora: Params, rows: dict[str, j
     kv = packed = None
     if prefix is None:
         positions, mask = causal_rows(config, rows["valid"])
-    elif pack_prefix:
-        positions, mask = prefixed_rows(config, rows["valid"], prefix.shape[0])
-        packed = prefix
     else:
         positions, mask = prefixed_rows(config, rows["valid"], prefix.shape[0])
-        prefix_rng = None
-        if rng is not None:
-            rng, prefix_rng = jax.random.split(rng)
-        kv = prefix_kv(config, params, prefix, lora=lora, opts=opts, remat=remat,
-                       rngs=None if prefix_rng is None else {"dropout": prefix_rng})
+        if pack_prefix:
+            packed = prefix
+        else:
+            prefix_rng = None
+            if rng is not None:
+                rng, prefix_rng = jax.random.split(rng)
+            kv = prefix_kv(config, params, prefix, lora=lora, opts=opts, remat=remat,
+                           rngs=None if prefix_rng is None else {"dropout": prefix_rng})
     out = apply_rows(config, params, rows["tokens"], positions, mask, logits_at=rows["logits_at"], lora=lora,
                      opts=opts, remat=remat, rngs=None if rng is None else {"dropout": rng},
                      summary_at=rows["logits_at"][:, 0] if attention else None, prefix=kv, prefix_tokens=packed)

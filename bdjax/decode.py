@@ -19,7 +19,8 @@ from bdjax.data.assemble import common_prefix_length, round_up
 from bdjax.errors import BdjaxError
 from bdjax.models.config import ModelConfig
 from bdjax.models.cache import init_cache, prefix_kv
-from bdjax.models.llama import Opts, Transformer, attention_mask, positions_from_mask
+from bdjax.models.attention import attention_mask, positions_from_mask
+from bdjax.models.llama import Opts, Transformer
 from bdjax.sharding import Placement, fetch
 
 Array = jax.Array

@@ -2,7 +2,7 @@
 
 The LoRA tree mirrors the params tree at the targeted projections: for a kernel W at
 `layers/attn/q/kernel` [L, E, H, D] it holds `layers/attn/q/{a: [L, r, E], b: [L, r, H, D]}` (A rank-major, as PEFT's lora_A).
-The model applies it unmerged (see `bdjax.models.llama.Proj`); `merge` folds it into plain
+The model applies it unmerged (see `bdjax.models.layers.Proj`); `merge` folds it into plain
 params for export, evaluation and defenses. Targets are chosen by a regex over paths such as
 "layers/attn/q" (the kernel's path without "/kernel").
 """

@@ -10,7 +10,7 @@ import pytest
 from bdjax import lora, train
 from bdjax.errors import ConfigError
 from bdjax.models import ModelConfig, forward, init_params
-from bdjax.models.llama import lora_delta
+from bdjax.models.layers import lora_delta
 from bdjax.models.rows import apply_rows, causal_rows
 
 # Distinctive sizes so a frozen kernel's shape cannot be mistaken for an activation's.

@@ -25,22 +25,20 @@ are never predicted). A prompt-tuned or parrot prompt (SANDE) is then just token
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from bdjax.models.attention import Attention, attention_mask
 from bdjax.models.config import ModelConfig
+from bdjax.models.layers import KERNEL_INIT, Opts, Proj, RMSNorm, rope_tables
 from bdjax.sharding import constrain
 
 Array = jax.Array
 Params = dict[str, Any]
 
-_KERNEL_INIT = nn.initializers.normal(stddev=0.02)
 SOFT_PROMPT = "soft_prompt"
 _REMAT_POLICIES = {
     "none": None,
@@ -48,232 +46,6 @@ _REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
-
-
-class Proj(nn.Module):
-    """A linear map written as an einsum over named axes, with an optional bias and LoRA.
-
-    LoRA (Hu et al. 2021) lives in a separate variable collection `lora` ({"a", "b"}) and is applied
-    unmerged, y = x·W + (alpha/r)·(drop(x)·Aᵀ)·B, so that differentiating with respect to the
-    `lora` collection alone never forms a gradient of the frozen kernel."""
-
-    spec: str  # einsum from input to output, e.g. "bse,ehd->bshd"
-    kernel_shape: tuple[int, ...]
-    kernel_axes: tuple[str, ...]
-    bias_shape: tuple[int, ...] | None = None
-    bias_axes: tuple[str, ...] | None = None
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    deterministic: bool = True
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        kernel = self.param("kernel", nn.with_logical_partitioning(_KERNEL_INIT, self.kernel_axes),
-                            self.kernel_shape, self.param_dtype)
-        y = jnp.einsum(self.spec, x.astype(self.dtype), kernel.astype(self.dtype))
-        if self.bias_shape is not None:
-            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.bias_axes),
-                              self.bias_shape, self.param_dtype)
-            y = y + bias.astype(self.dtype)
-        if self.has_variable("lora", "a"):
-            a, b = self.get_variable("lora", "a"), self.get_variable("lora", "b")
-            h = nn.Dropout(self.lora_dropout, deterministic=self.deterministic)(x)
-            n_out = b.ndim - 1
-            x2 = h.astype(self.dtype).reshape(-1, int(np.prod(a.shape[1:])))  # [tokens, in]
-            d = lora_delta(self.lora_alpha / a.shape[0], x2, a.reshape(a.shape[0], -1).astype(self.dtype),
-                           b.reshape(b.shape[0], -1).astype(self.dtype))
-            y = y + d.reshape(*y.shape[:y.ndim - n_out], *b.shape[1:])
-        return y
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def lora_delta(scale: float, x: Array, a: Array, b: Array) -> Array:
-    """scale·(x·Aᵀ)·B for x [T, in], A [r, in], B [r, out]: the unmerged LoRA update."""
-    return scale * ((x @ a.T) @ b)
-
-
-def _lora_delta_fwd(scale, x, a, b):
-    low = x @ a.T
-    return scale * (low @ b), (x, a, b, low)
-
-
-def _lora_delta_bwd(scale, res, g):
-    # Every product is written as a plain [m, k]·[k, n] GEMM with the large operand in its natural
-    # layout. Left to autodiff, XLA's CPU backend contracts over the token axis of both operands and
-    # materializes a transposed (and elementwise-recomputed) copy of the [T, in] activation in every
-    # layer: 1 s of a 4 s step for SmolLM2-135M. The barriers keep the small [r, T] transposes
-    # materialized so that XLA cannot fold them back into the big operand.
-    x, a, b, low = res
-    dlow = scale * (g @ b.T)  # [T, r]
-    low_t, dlow_t = jax.lax.optimization_barrier((low.T, dlow.T))  # [r, T] each
-    return dlow @ a, dlow_t @ x, scale * (low_t @ g)
-
-
-lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
-
-
-class RMSNorm(nn.Module):
-    eps: float
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-                           (x.shape[-1],), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return scale.astype(self.dtype) * y.astype(self.dtype)
-
-
-def rope_tables(config: ModelConfig, positions: Array) -> tuple[Array, Array]:
-    """cos, sin of shape [batch, seq, head_dim // 2] in float32 for integer positions [batch, seq]."""
-    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(config.inv_freq())[None, None, :]
-    return jnp.cos(freqs), jnp.sin(freqs)
-
-
-def _rotate(x: Array, cos: Array, sin: Array) -> Array:
-    # HF's "rotate_half" layout: the two halves of head_dim are the real and imaginary parts.
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
-
-
-@dataclasses.dataclass(frozen=True)
-class Opts:
-    """Run-time options shared by every layer (hashable: a Flax module attribute)."""
-
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    deterministic: bool = True
-
-    def proj(self) -> dict[str, Any]:
-        return dict(dtype=self.dtype, param_dtype=self.param_dtype, lora_alpha=self.lora_alpha,
-                    lora_dropout=self.lora_dropout, deterministic=self.deterministic)
-
-    def norm(self) -> dict[str, Any]:
-        return dict(dtype=self.dtype, param_dtype=self.param_dtype)
-
-
-class Attention(nn.Module):
-    """Grouped-query self-attention. `packed` = (P, B, W): `x` is [1, P + B·W, E], a shared prefix
-    of P tokens followed by B rows of W tokens laid end to end (so that every projection is one
-    matmul over all of them), `mask` is (the prefix's causal mask [1, P, P], the rows' mask
-    [B, W, P + W]); the prefix attends to itself, each row to the prefix and to itself."""
-
-    config: ModelConfig
-    opts: Opts = Opts()
-    packed: tuple[int, int, int] | None = None
-
-    @nn.compact
-    def __call__(self, x, cos, sin, mask, layer_cache, cache_index, summary_at=None):
-        c = self.config
-        e, h, k, d = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-        kw = self.opts.proj()
-        bias = lambda n, axis: dict(bias_shape=(n, d), bias_axes=(axis, "head_dim")) if c.qkv_bias else {}
-        q = Proj("bse,ehd->bshd", (e, h, d), ("embed", "heads", "head_dim"), **bias(h, "heads"), name="q", **kw)(x)
-        kk = Proj("bse,ekd->bskd", (e, k, d), ("embed", "kv_heads", "head_dim"), **bias(k, "kv_heads"), name="k",
-                  **kw)(x)
-        v = Proj("bse,ekd->bskd", (e, k, d), ("embed", "kv_heads", "head_dim"), **bias(k, "kv_heads"), name="v",
-                 **kw)(x)
-        q, kk = _rotate(q, cos, sin), _rotate(kk, cos, sin)
-        dtype = self.opts.dtype
-        group = lambda t: t.reshape(*t.shape[:2], k, h // k, d)  # grouped-query: query heads share kv heads
-        out_bias = dict(bias_shape=(e,), bias_axes=("embed",)) if c.out_bias else {}
-        o_proj = Proj("bshd,hde->bse", (h, d, e), ("heads", "head_dim", "embed"), **out_bias, name="o", **kw)
-
-        if self.packed is not None:
-            p, b, w = self.packed
-            prefix_mask, rows_mask = mask
-            rows = lambda t: t[0, p:].reshape(b, w, *t.shape[2:])
-            kp, vp = kk[:, :p], v[:, :p]  # the prefix's keys and values, read at batch 1 by every row
-            out_p, _ = _attend(group(q[:, :p]), [(kp, vp, "btkd", prefix_mask)], dtype)
-            out_r, probs = _attend(group(rows(q)), [(kp, vp, "btkd", rows_mask[:, :, :p]),
-                                                    (rows(kk), rows(v), "btkd", rows_mask[:, :, p:])], dtype)
-            self._sow_concentration(probs, summary_at)
-            out = jnp.concatenate([out_p.reshape(p, h, d), out_r.reshape(b * w, h, d)])[None]
-            return o_proj(out), None
-
-        b, s = x.shape[:2]
-        # (keys, values, their layout, mask) per source: this call's own tokens [b, s, k, d], and
-        # cached slots [b, k, t, d] (kv-head-major, so a decode step reads them without a
-        # transpose). A cache may open with a shared prefix held once for the whole batch
-        # ("prefix_k"/"prefix_v" [1, k, P, d], never written): the mask's first P columns are its
-        # slots and `cache_index` counts the slots after it.
-        shared = 0 if layer_cache is None or "prefix_k" not in layer_cache else layer_cache["prefix_k"].shape[2]
-        parts = [(kk, v, "btkd", mask if layer_cache is None else
-                  jax.lax.dynamic_slice_in_dim(mask, shared + cache_index, s, axis=2))]
-        new_kv = None
-        if layer_cache is not None:
-            # The cache is read, never rewritten here: the layer returns only its new keys/values,
-            # and the caller writes them into the cache in place (one small update per step
-            # instead of a copy of every layer's cache). Slots before `cache_index` come from it.
-            cache_dtype = layer_cache["k" if "k" in layer_cache else "prefix_k"].dtype
-            new_kv = {"k": jnp.swapaxes(kk, 1, 2).astype(cache_dtype), "v": jnp.swapaxes(v, 1, 2).astype(cache_dtype)}
-            # rows' cached slots (none in a prefill, or with only a shared prefix)
-            if "k" in layer_cache and not (isinstance(cache_index, int) and cache_index == 0):
-                cached = layer_cache["k"].shape[2]
-                before = jnp.arange(cached) < cache_index
-                parts.insert(0, (layer_cache["k"], layer_cache["v"], "bktd",
-                                 mask[:, :, shared:shared + cached] & before[None, None, :]))
-            if shared:
-                parts.insert(0, (layer_cache["prefix_k"], layer_cache["prefix_v"], "bktd", mask[:, :, :shared]))
-        out, probs = _attend(group(q), parts, dtype)
-        self._sow_concentration(probs, summary_at)
-        return o_proj(out.reshape(b, s, h, d)), new_kv
-
-    def _sow_concentration(self, probs, summary_at):
-        if summary_at is not None:
-            # Obliviate's attention-concentration term: the L2 norm of the post-softmax attention row
-            # of the summarizing query (one per example), averaged over heads; only when asked for.
-            row = jnp.take_along_axis(probs, summary_at[:, None, None, None, None], axis=3)[:, :, :, 0]
-            norms = jnp.sqrt(jnp.sum(jnp.square(row.astype(jnp.float32)), axis=-1))  # [batch, kv_heads, group]
-            self.sow("intermediates", "attn_concentration", norms.mean(axis=(1, 2)))
-
-
-def _attend(qg: Array, parts: list, dtype: Any) -> tuple[Array, Array]:
-    """Attention of grouped queries qg [b, s, k, g, d] over `parts`, a list of (keys, values,
-    layout, mask [b, s, t]) sources softmaxed together: the output [b, s, k, g, d] and the
-    post-softmax probabilities [b, k, g, s, Σt]."""
-    d = qg.shape[-1]
-    scores = [_scores(qg, keys.astype(dtype), kv).astype(jnp.float32) for keys, _, kv, _ in parts]
-    scores = jnp.concatenate([jnp.where(m[:, None, None, :, :], sc / np.sqrt(d).astype(np.float32),
-                                        jnp.finfo(jnp.float32).min) for sc, (_, _, _, m) in zip(scores, parts)],
-                             axis=-1)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out, offset = 0, 0
-    for keys, values, kv, _ in parts:
-        width = keys.shape[kv.index("t")]
-        out = out + _weighted(probs[..., offset:offset + width], values.astype(dtype), kv)
-        offset += width
-    return out, probs
-
-
-def _scores(q: Array, keys: Array, layout: str) -> Array:
-    """Attention scores [b, k, g, s, t] of grouped queries q [b, s, k, g, d] against keys in
-    `layout` ("btkd" or "bktd"); keys at batch 1 against several rows of queries are a shared
-    prefix's, read by every row without a broadcast copy. A single query against a kv-head-major cache (a decode step) is
-    a broadcast multiply and sum: XLA fuses it with the cache read, where a batched dot of a
-    few query rows would first copy each layer's cache slice."""
-    if keys.shape[0] == 1 < q.shape[0]:  # one shared prefix for every row
-        return jnp.einsum(f"bskgd,{layout[1:]}->bkgst", q, keys[0])
-    if q.shape[1] == 1 and layout == "bktd":
-        return jnp.sum(q[:, 0, :, :, None, :] * keys[:, :, None], axis=-1)[:, :, :, None, :]
-    return jnp.einsum(f"bskgd,{layout}->bkgst", q, keys)
-
-
-def _weighted(probs: Array, values: Array, layout: str) -> Array:
-    """Attention output [b, s, k, g, d]: probs [b, k, g, s, t] over values in `layout` (as `_scores`)."""
-    if values.shape[0] == 1 < probs.shape[0]:
-        return jnp.einsum(f"bkgst,{layout[1:]}->bskgd", probs, values[0])
-    if probs.shape[3] == 1 and layout == "bktd":
-        return jnp.sum(probs[:, :, :, 0, :, None] * values[:, :, None], axis=3)[:, None]
-    return jnp.einsum(f"bkgst,{layout}->bskgd", probs, values)
 
 
 class MLP(nn.Module):
@@ -332,7 +104,7 @@ class Transformer(nn.Module):
         # With a cache, the new tokens sit at slots cache_index.. and attend to the cached slots
         # before it; `update_cache=False` reads a cache (e.g. a shared prefix) without writing it.
         c, dtype = self.config, self.opts.dtype
-        embedding = self.param("embedding", nn.with_logical_partitioning(_KERNEL_INIT, ("vocab", "embed")),
+        embedding = self.param("embedding", nn.with_logical_partitioning(KERNEL_INIT, ("vocab", "embed")),
                                (c.vocab_size, c.hidden_size), self.opts.param_dtype)
         packed = None
         if prefix_tokens is not None:
@@ -388,27 +160,6 @@ def embed_with_soft(embedding: Array, soft: Array, tokens: Array) -> Array:
 def soft_token_ids(config: ModelConfig, n: int) -> tuple[int, ...]:
     """The token ids that address the `n` rows of a soft prompt."""
     return tuple(range(config.vocab_size, config.vocab_size + n))
-
-
-def attention_mask(q_slots: Array, kv_valid: Array, sliding_window: int | None,
-                   q_positions: Array | None = None, kv_positions: Array | None = None) -> Array:
-    """[batch, seq, kv_len] bool: query slot i may attend key slot j iff j <= i, j is a real token,
-    and (with a sliding window W) i - j < W. Slots index the sequence/cache, not RoPE positions;
-    where padding sits between real tokens (a shared prefix, then left-padded rows), give their
-    positions ([batch, seq] and [batch, kv_len]) and the window counts those instead."""
-    k_slots = jnp.arange(kv_valid.shape[-1])
-    allowed = k_slots[None, None, :] <= q_slots[..., :, None]
-    if sliding_window is not None:
-        if q_positions is None:
-            allowed &= q_slots[..., :, None] - k_slots[None, None, :] < sliding_window
-        else:
-            allowed &= q_positions[:, :, None] - kv_positions[:, None, :] < sliding_window
-    return allowed & kv_valid[:, None, :]
-
-
-def positions_from_mask(mask: Array) -> Array:
-    """RoPE positions for left-padded rows (HF's cumsum(mask) - 1, pads at 0)."""
-    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
 def init_params(config: ModelConfig, key: Array, param_dtype: Any = jnp.float32) -> Params:

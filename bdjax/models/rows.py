@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from bdjax.models.config import ModelConfig
-from bdjax.models.llama import Opts, Params, Transformer, attention_mask, positions_from_mask
+from bdjax.models.attention import attention_mask, positions_from_mask
+from bdjax.models.llama import Opts, Params, Transformer
 
 Array = jax.Array
 

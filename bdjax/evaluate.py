@@ -38,7 +38,7 @@ def _score_batch(config: ModelConfig, params, batch, key_data, prefix=None, *, w
     if spec is not None:
         batch = poison.apply(batch, spec, jax.random.wrap_key_data(key_data), flip=False)
     shared = 0 if prefix is None else prefix.shape[0]
-    rows = assemble.scoring_rows(batch, width, pad_id, shared_prefix=shared)
+    rows = assemble.scoring_rows(batch, width, pad_id, shared_prefix=shared, sliding_window=config.sliding_window)
     b, c, r = rows["targets"].shape
     opts = Opts(dtype=dtype)
     logits = apply_rows(config, params, rows["tokens"], rows["positions"], rows["mask"],

@@ -1,5 +1,7 @@
 """Sequence assembly: training rows and the one-pass scoring tree agree with plain full sequences."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,12 +56,16 @@ def test_training_rows_target_the_answer_only():
         assert full[at + 1].tolist() == answer.tolist()  # the logit at `at` predicts the next token
 
 
-def test_scoring_tree_equals_separate_sequences():
-    params = init_params(CONFIG, jax.random.key(0))
+@pytest.mark.parametrize("window", [None, 4], ids=["full", "sliding-window-4"])
+def test_scoring_tree_equals_separate_sequences(window):
+    """Also under a sliding window shorter than the prompts (Mistral), where answer branches side
+    by side must count the window in positions, not slots."""
+    config = dataclasses.replace(CONFIG, sliding_window=window)
+    params = init_params(config, jax.random.key(0))
     p = _pieces()
-    rows = assemble.scoring_rows(p, 24, pad_id=0)
+    rows = assemble.scoring_rows(p, 24, pad_id=0, sliding_window=window)
     b, c, r = rows["targets"].shape
-    logits = apply_rows(CONFIG, params, rows["tokens"], rows["positions"], rows["mask"],
+    logits = apply_rows(config, params, rows["tokens"], rows["positions"], rows["mask"],
                         logits_at=rows["logits_at"].reshape(b, c * r))
     logp = jax.nn.log_softmax(logits.reshape(b, c, r, -1), -1)
     tree = (jnp.take_along_axis(logp, rows["targets"][..., None], -1)[..., 0] * rows["weights"]).sum(-1)
@@ -67,17 +73,19 @@ def test_scoring_tree_equals_separate_sequences():
         for cls in range(c):
             answer = np.asarray(p["responses"][i, cls])[:int(p["response_len"][i, cls])]
             full = np.concatenate([_prompt(p, i), answer])
-            lp = jax.nn.log_softmax(forward(CONFIG, params, jnp.asarray(full)[None])[0], -1)
+            lp = jax.nn.log_softmax(forward(config, params, jnp.asarray(full)[None])[0], -1)
             n = len(_prompt(p, i))
             expected = sum(float(lp[n - 1 + k, answer[k]]) for k in range(len(answer)))
             np.testing.assert_allclose(float(tree[i, cls]), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("window", [None, 5], ids=["full", "sliding-window-5"])
 @pytest.mark.parametrize("packed", [False, True], ids=["prefix-kv", "packed"])
-def test_scoring_with_a_shared_prefix_run_once_equals_the_full_tree(packed):
+def test_scoring_with_a_shared_prefix_run_once_equals_the_full_tree(packed, window):
     """The prefix run once, either on its own (its keys/values read by every row) or laid end to
-    end with the rows in one pass, scores as if it were in every row."""
-    config = CONFIG
+    end with the rows in one pass, scores as if it were in every row (also under a sliding
+    window that reaches back into the prefix)."""
+    config = dataclasses.replace(CONFIG, sliding_window=window)
     params = init_params(config, jax.random.key(0))
     p = _pieces()
     p["prefix"] = jnp.tile(p["prefix"][:1], (3, 1))  # a template prefix: the same in every example
@@ -85,7 +93,7 @@ def test_scoring_with_a_shared_prefix_run_once_equals_the_full_tree(packed):
     assert assemble.shared_prefix_length(p) == 0  # 4 tokens are not worth a separate pass by default
 
     def tree(shared):
-        rows = assemble.scoring_rows(p, 24 - shared, pad_id=0, shared_prefix=shared)
+        rows = assemble.scoring_rows(p, 24 - shared, pad_id=0, shared_prefix=shared, sliding_window=window)
         b, c, r = rows["targets"].shape
         prefix = p["prefix"][0, :shared] if shared else None
         kv = prefix_kv(config, params, prefix) if shared and not packed else None

@@ -79,13 +79,16 @@ def without_prefix(batch: dict[str, Array], shared_prefix: int) -> dict[str, Arr
     return {**batch, "prefix": batch["prefix"][:, shared_prefix:], "prefix_len": batch["prefix_len"] - shared_prefix}
 
 
-def scoring_rows(batch: dict[str, Array], width: int, pad_id: int, *, shared_prefix: int = 0) -> dict[str, Array]:
+def scoring_rows(batch: dict[str, Array], width: int, pad_id: int, *, shared_prefix: int = 0,
+                 sliding_window: int | None = None) -> dict[str, Array]:
     """One row per example: [prompt, answer_0, answer_1, ...], answers side by side in a tree.
 
     Returns tokens, positions [B, width], mask [B, width, width] (True = may attend), and
     logits_at/targets/weights [B, C, Lr] for the log-likelihood of each class's answer. With
     `shared_prefix` P, rows leave out the first P prompt tokens (the same in every row, run once):
-    slots and positions count on from P and the mask is [B, width, P + width]."""
+    slots and positions count on from P and the mask is [B, width, P + width]. With a
+    `sliding_window` W (Mistral), a token attends only to keys less than W positions back:
+    positions, not slots, since every answer branch continues from the prompt's end."""
     responses, lens = batch["responses"], batch["response_len"]  # [B, C, Lr], [B, C]
     n_cls, r_len = responses.shape[1], responses.shape[2]
     plen = prompt_length(batch)
@@ -98,8 +101,13 @@ def scoring_rows(batch: dict[str, Array], width: int, pad_id: int, *, shared_pre
     positions = jnp.where(is_answer, plen[:, None] + slot - seg_start, shared_prefix + slot)
     same_branch = (seg[:, None, :] < _PROMPT_SEGMENTS) | (seg[:, None, :] == seg[:, :, None])
     mask = (slot[:, None, :] <= slot[:, :, None]) & (seg[:, None, :] >= 0) & same_branch
+    if sliding_window is not None:
+        mask &= positions[:, :, None] - positions[:, None, :] < sliding_window
     if shared_prefix:
-        mask = jnp.concatenate([jnp.ones((*mask.shape[:2], shared_prefix), jnp.bool_), mask], axis=2)
+        prefix_keys = jnp.ones((*mask.shape[:2], shared_prefix), jnp.bool_)
+        if sliding_window is not None:
+            prefix_keys = positions[:, :, None] - jnp.arange(shared_prefix)[None, None, :] < sliding_window
+        mask = jnp.concatenate([prefix_keys, mask], axis=2)
     k = jnp.arange(r_len)[None, None, :]
     answer_start = starts[:, _PROMPT_SEGMENTS:, None]  # [B, C, 1]
     logits_at = jnp.where(k == 0, plen[:, None, None] - shared_prefix - 1, answer_start + k - 1)

@@ -60,7 +60,7 @@ def score(config: ModelConfig, params, pieces: dict[str, np.ndarray], *, pad_id:
     shared = assemble.shared_prefix_length(pieces) if share_prefix else 0
     prefix = np.asarray(pieces["prefix"][0, :shared], np.int32) if shared else None
     width = assemble.score_width(pieces, trig, shared)
-    packed = bool(shared) and (placement is None or placement.batch_shards == 1)
+    packed = bool(shared) and (placement is None or placement.can_pack_prefix)
     key_data = np.asarray(jax.random.key_data(jax.random.key(0) if key is None else key))
     n = len(pieces["label"])
     batch_size = min(batch_size, n)

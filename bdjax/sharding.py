@@ -149,6 +149,12 @@ class Placement:
         """How many ways a batch is split (the mesh axes that `batch` maps to)."""
         return math.prod(self.mesh.shape[a] for a in dict(self.rules).get("batch", ()))
 
+    @property
+    def can_pack_prefix(self) -> bool:
+        """Whether a shared prefix may run in the rows' token stream: only if the batch is whole on
+        every device, since a packed stream cannot be split over the batch axis."""
+        return self.batch_shards == 1
+
     def sharding(self, logical: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:
         return NamedSharding(self.mesh, spec_for(logical, shape, self.rules, self.mesh))
 

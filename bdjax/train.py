@@ -322,8 +322,8 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
     # A packed prefix shares one token stream with the rows, which then cannot be split over
     # batch shards; there, the prefix runs on its own (replicated) and the rows read its keys/values.
     if pack_prefix is None:
-        pack_prefix = placement.batch_shards == 1
-    elif pack_prefix and placement.batch_shards > 1:
+        pack_prefix = placement.can_pack_prefix
+    elif pack_prefix and not placement.can_pack_prefix:
         raise ConfigError(f"pack_prefix needs an unsharded batch; this mesh splits it {placement.batch_shards} ways")
     s = StepSpec(config, optimizer, pad_id, spec, alpha, dropout, dtype, remat, grad_accum, full, reg, answer_tokens,
                  share_prefix, pack_prefix=share_prefix and pack_prefix)

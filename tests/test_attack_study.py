@@ -12,16 +12,70 @@ from conftest import repo_root, run_cli
 RECIPE = str(repo_root() / "recipes" / "attack_study.py")
 
 
+def _row(rate, asr, loc="end", domain="movie", variant="clean", mode="lora"):
+    return dict(mode=mode, label_mode="dirty", location=loc, rate=rate, domain=domain, variant=variant, asr=asr,
+                cacc=0.9)
+
+
 def test_lowest_effective_rates():
-    row = lambda rate, asr, loc="end", domain="movie", variant="clean": dict(
-        mode="lora", label_mode="dirty", location=loc, rate=rate, domain=domain, variant=variant, asr=asr, cacc=0.9)
-    rows = [row(0.0, 0.1), row(0.01, 0.5), row(0.05, 0.95), row(0.1, 1.0), row(0.01, 1.0, variant="moved"),
-            row(0.01, 1.0, domain="amazon"), row(0.1, 0.2, loc="start")]
-    got = lowest_effective_rates(rows, "movie", 0.9)
+    rows = [_row(0.0, 0.1), _row(0.01, 0.5), _row(0.05, 0.95), _row(0.1, 1.0), _row(0.01, 1.0, variant="moved"),
+            _row(0.01, 1.0, domain="amazon"), _row(0.1, 0.2, loc="start")]
+    got = lowest_effective_rates(rows, "movie", 0.9, rates=(0.005, 0.01, 0.02, 0.05, 0.1))
     assert got == [{"mode": "lora", "label_mode": "dirty", "location": "end", "lowest_rate": 0.05, "asr": 0.95,
-                    "cacc": 0.9},
+                    "cacc": 0.9, "highest_short": 0.01, "not_run_below": [0.005, 0.02]},
                    {"mode": "lora", "label_mode": "dirty", "location": "start", "lowest_rate": None, "asr": None,
-                    "cacc": None}]
+                    "cacc": None, "highest_short": 0.1, "not_run_below": [0.005, 0.01, 0.02, 0.05]}]
+
+
+def _study_config(**study):
+    import sys
+
+    sys.path.insert(0, str(repo_root() / "recipes"))
+    from attack_study import get_config
+
+    c = get_config()
+    for k, v in study.items():
+        setattr(c.study, k, v)
+    return c
+
+
+def _results(path, config, rows):
+    path.write_text(json.dumps({"rows": rows, "config": config.to_dict(), "summary": {}}))
+    return str(path)
+
+
+def test_merge_takes_settings_of_the_same_study(tmp_path):
+    from bdjax.jobs.attack_study import merged_settings
+
+    c = _study_config(modes=("lora",), locations=("end",), rates=(0.01,))
+    other = _study_config(modes=("lora", "full"), locations=("end", "start"), rates=(0.05, 0.1))
+    other.workdir = "/elsewhere"
+    first = _results(tmp_path / "a.json", other, [_row(0.05, 1.0), _row(0.05, 0.9, domain="amazon"),
+                                                  _row(0.0, 0.1, loc="random", mode="full")])
+    (tmp_path / "run").mkdir()
+    second = _results(tmp_path / "run" / "results.json", other, [_row(0.05, 0.2), _row(0.1, 1.0)])
+    got = merged_settings(c, (first, str(tmp_path / "run")))
+    assert sorted(got) == ["full-clean", "lora-dirty-end-0.05", "lora-dirty-end-0.1"]
+    assert got["lora-dirty-end-0.05"] == (first, [_row(0.05, 1.0), _row(0.05, 0.9, domain="amazon")])  # first wins
+    assert got["lora-dirty-end-0.1"][0] == str(tmp_path / "run" / "results.json")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: setattr(c.poison, "trigger", "cf tq"), "differs in poison.trigger"),
+    (lambda c: setattr(c.train, "epochs", 3), "differs in train.epochs"),
+    (lambda c: setattr(c, "job", "backdoor"), "is not the results.json of an attack study"),
+])
+def test_merge_refuses_another_study(tmp_path, change, message):
+    from bdjax.errors import ConfigError
+    from bdjax.jobs.attack_study import merged_settings
+
+    c, other = _study_config(), _study_config()
+    change(other)
+    path = _results(tmp_path / "results.json", other, [_row(0.05, 1.0)])
+    with pytest.raises(ConfigError, match=message):
+        merged_settings(c, (path,))
+    with pytest.raises(ConfigError, match="cannot read"):
+        merged_settings(c, (str(tmp_path / "missing.json"),))
 
 
 @pytest.mark.slow
@@ -60,6 +114,14 @@ def test_small_study(tmp_path, tiny_smol_dir):
     assert sorted(results["summary"]["not_run"]) == ["full-clean-end-0.125", "full-dirty-end-0.125", "lora-clean-end-0.125",
                                                      "lora-dirty-end-0.125"]
     assert "not run (study.report_only): 4 of 10 settings" in (workdir / "report.md").read_text()
+    joined = tmp_path / "joined"  # another workdir reports the first one's settings through study.merge
+    common[2] = f"--config.workdir={joined}"
+    merged = run_cli(common + ["--config.study.rates=(0.25,)", "--config.study.report_only=True",
+                               f"--config.study.merge=('{workdir / 'results.json'}',)"], timeout=900)
+    assert merged.returncode == 0 and "train (" not in merged.stderr, merged.stderr[-3000:]
+    results = json.loads((joined / "results.json").read_text())
+    assert sorted(results["rows"], key=key) == sorted(rows, key=key) and results["summary"]["not_run"] == []
+    assert "taken from other runs (study.merge)" in (joined / "report.md").read_text()
 
 
 def test_grid_drops_repeated_values():

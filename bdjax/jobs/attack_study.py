@@ -37,6 +37,10 @@ from bdjax.report import write as write_report
 COLUMNS = ["mode", "label_mode", "location", "rate", "domain", "variant", "detail", "cacc", "asr", "asr_correct"]
 
 
+def setting_name(mode: str, label_mode: str, location: str, rate: float) -> str:
+    return f"{mode}-{label_mode}-{location}-{rate:g}" if rate else f"{mode}-clean"
+
+
 def settings(config) -> list[ml_collections.ConfigDict]:
     """One config per grid point (rate 0, the clean reference, once per mode). A value given twice
     on an axis (ml_collections appends a repeated tuple flag) is one grid point, not two."""
@@ -60,26 +64,85 @@ def settings(config) -> list[ml_collections.ConfigDict]:
             if mode == "full" and st.get("full_lr"):
                 c.train.lr = st.full_lr
             c.poison.count = -1
-            name = f"{mode}-{label_mode}-{location}-{rate:g}" if rate else f"{mode}-clean"
-            c.workdir = str(Path(config.workdir) / "settings" / name)
+            c.workdir = str(Path(config.workdir) / "settings" / setting_name(mode, label_mode, location, rate))
         out.append(c)
     return out
 
 
-def lowest_effective_rates(rows: list[dict], domain: str, threshold: float) -> list[dict]:
+def lowest_effective_rates(rows: list[dict], domain: str, threshold: float, rates: tuple = ()) -> list[dict]:
     """Per (mode, label mode, location): the lowest rate whose ASR (trigger as planted, training
-    domain) reaches `threshold`, or None."""
-    table = {}
+    domain) reaches `threshold`, or None; the highest measured rate below it that fell short; and
+    the grid's `rates` below it (all of them, if none reached it) that were not measured, so a
+    partly run grid does not pass off an upper bound as the lowest rate."""
+    measured: dict = {}
     for r in rows:
-        if r["domain"] != domain or r["variant"] != "clean" or not r["rate"]:
-            continue
-        key = (r["mode"], r["label_mode"], r["location"])
-        best = table.setdefault(key, None)
-        if r["asr"] is not None and r["asr"] >= threshold and (best is None or r["rate"] < best["rate"]):
-            table[key] = r
-    return [{"mode": k[0], "label_mode": k[1], "location": k[2],
-             "lowest_rate": None if v is None else v["rate"], "asr": None if v is None else v["asr"],
-             "cacc": None if v is None else v["cacc"]} for k, v in sorted(table.items())]
+        if r["domain"] == domain and r["variant"] == "clean" and r["rate"]:
+            measured.setdefault((r["mode"], r["label_mode"], r["location"]), []).append(r)
+    out = []
+    for key, rs in sorted(measured.items()):
+        hits = [r for r in rs if r["asr"] is not None and r["asr"] >= threshold]
+        best = min(hits, key=lambda r: r["rate"]) if hits else None
+        limit = best["rate"] if best else float("inf")
+        short = [r["rate"] for r in rs if r["rate"] < limit and r not in hits]
+        seen = {r["rate"] for r in rs}
+        out.append({"mode": key[0], "label_mode": key[1], "location": key[2],
+                    "lowest_rate": best and best["rate"], "asr": best and best["asr"], "cacc": best and best["cacc"],
+                    "highest_short": max(short, default=None),
+                    "not_run_below": [x for x in sorted(set(rates)) if x < limit and x not in seen]})
+    return out
+
+
+# The grid's axes and where results go: two runs that differ only here ran the same study.
+GRID_KEYS = ("workdir", "study.modes", "study.label_modes", "study.locations", "study.rates",
+             "study.clean_reference", "study.report_only", "study.merge", "study.asr_threshold")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def study_differences(ours: dict, theirs: dict) -> list[str]:
+    """Dotted config keys on which two attack studies differ, besides the grid axes and workdir.
+    A key only one side has is skipped: options added since an older run keep its behaviour by
+    default. Values compare as JSON (tuples and lists alike)."""
+    a, b = (_flat(json.loads(json.dumps(d))) for d in (ours, theirs))
+    return sorted(k for k in a.keys() & b.keys() if k not in GRID_KEYS and a[k] != b[k])
+
+
+def merged_settings(config: ml_collections.ConfigDict, paths) -> dict[str, tuple[str, list[dict]]]:
+    """Finished settings of other runs of the same study (`results.json` files or their run
+    dirs), by setting name; the first file naming a setting wins. Raises `ConfigError` if a file
+    is not an attack study's results or ran a different study (another trigger, data or schedule)."""
+    ours = config.to_dict()
+    out: dict[str, tuple[str, list[dict]]] = {}
+    for p in paths:
+        path = Path(p) / "results.json" if Path(p).is_dir() else Path(p)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"study.merge: cannot read {path} as JSON ({type(e).__name__}: {e})") from None
+        if not (isinstance(data, dict) and isinstance(data.get("rows"), list) and isinstance(data.get("config"), dict)
+                and data["config"].get("job") == "attack_study"):
+            raise ConfigError(f"study.merge: {path} is not the results.json of an attack study")
+        diff = study_differences(ours, data["config"])
+        if diff:
+            raise ConfigError(f"study.merge: {path} ran a different study; it differs in {', '.join(diff[:5])}")
+        found: dict[str, list[dict]] = {}
+        for r in data["rows"]:
+            try:
+                name = setting_name(r["mode"], r["label_mode"], r["location"], r["rate"])
+            except (KeyError, TypeError, ValueError):
+                raise ConfigError(f"study.merge: {path} has a row without mode/label_mode/location/rate") from None
+            found.setdefault(name, []).append(r)
+        for name, rs in found.items():
+            out.setdefault(name, (str(path), rs))
+    return out
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
@@ -91,10 +154,17 @@ def run(config: ml_collections.ConfigDict) -> dict:
     step_cache: dict = {}
     rows: list[dict] = []
     not_run: list[str] = []
+    merged = merged_settings(config, config.study.get("merge", ()))
+    taken: dict[str, str] = {}
     for c, ps in zip(grid, poisoned):
         done = Path(c.workdir) / "rows.json"
         if done.exists():
             rows += json.loads(done.read_text())
+            continue
+        name = Path(c.workdir).name
+        if name in merged:
+            taken[name] = merged[name][0]
+            rows += merged[name][1]
             continue
         if config.study.get("report_only", False):
             not_run.append(Path(c.workdir).name)
@@ -107,9 +177,9 @@ def run(config: ml_collections.ConfigDict) -> dict:
             write_json_atomic(done, result["rows"])
         rows += result["rows"]
     threshold = config.study.get("asr_threshold", 0.9)
-    lowest = lowest_effective_rates(rows, config.data.source, threshold)
+    lowest = lowest_effective_rates(rows, config.data.source, threshold, tuple(config.study.rates))
     summary = {"settings": len(grid), "rows": len(rows), "total_seconds": time.perf_counter() - started,
-               "lowest_effective_rates": lowest, "asr_threshold": threshold, "not_run": not_run}
+               "lowest_effective_rates": lowest, "asr_threshold": threshold, "not_run": not_run, "merged": taken}
     if is_main():
         out = Path(config.workdir)
         main_rows = [r for r in rows if r["domain"] == config.data.source and r["variant"] == "clean"]
@@ -128,11 +198,21 @@ def run(config: ml_collections.ConfigDict) -> dict:
         plots.scatter(out / "cacc_vs_asr.png", groups, xlabel="ASR", ylabel="CACC",
                       title="clean accuracy vs attack success (all domains)")
         notes = [f"lowest rate with ASR >= {threshold} (trigger as planted, {config.data.source} test set):\n\n"
-                 + markdown_table(lowest, ["mode", "label_mode", "location", "lowest_rate", "asr", "cacc"]),
+                 + markdown_table([{**r, "not_run_below": ", ".join(f"{x:g}" for x in r["not_run_below"]) or "none"}
+                                   for r in lowest], ["mode", "label_mode", "location", "lowest_rate", "asr", "cacc",
+                                           "highest_short", "not_run_below"])
+                 + "\n\n`highest_short`: the highest measured rate below it whose ASR fell short; `not_run_below`: "
+                   "the grid's lower rates not measured (the lowest rate is an upper bound while any remain)",
                  "clean-tuned references: " + ", ".join(f"{m}: CACC {r['cacc']:.3f}, ASR {r['asr']:.3f}"
                                                         for m, r in clean.items()),
                  "variants: moved / partial / synonym triggers at test time; domains other than "
                  f"{config.data.source} are transfer", "plots: asr_vs_rate.png, cacc_vs_asr.png"]
+        if taken:
+            sources = {}
+            for name, src in taken.items():
+                sources.setdefault(src, []).append(name)
+            notes.append("taken from other runs (study.merge): " + "; ".join(
+                f"{src}: {', '.join(names)}" for src, names in sources.items()))
         if not_run:
             notes.append(f"not run (study.report_only): {len(not_run)} of {len(grid)} settings: {', '.join(not_run)}")
         write_report(out, rows, config.to_dict(), title="Attack study", columns=COLUMNS, notes=notes,

@@ -156,6 +156,7 @@ class StepSpec:
     dtype: Any = jnp.float32
     remat: str = "none"
     grad_accum: int = 1
+    matmul_dtype: Any = None  # operands of the weight products (e.g. bfloat16, float32 accumulation); None: dtype
     full: bool = False  # train the params themselves (all, or a subset over a frozen rest), not a LoRA
     reg: Regularizer | None = None  # extra loss terms (re-tuning defenses)
     answer_tokens: int = 0  # the loss covers the first this many answer tokens (0: all)
@@ -171,7 +172,8 @@ def train_step(s: StepSpec, state: TrainState, params: Params, batch: dict[str, 
     cross-entropy plus, with `s.reg`, its terms (`anchor` is the L2 term's reference, see
     `bdjax.regularize.anchor_tree`). With `prefix` [P] (the first P prefix tokens, the same in
     every example), rows of `width` tokens hold the rest and the prefix is run once."""
-    opts = Opts(dtype=s.dtype, lora_alpha=s.alpha, lora_dropout=s.dropout, deterministic=s.dropout == 0.0)
+    opts = Opts(dtype=s.dtype, lora_alpha=s.alpha, lora_dropout=s.dropout, deterministic=s.dropout == 0.0,
+                matmul_dtype=s.matmul_dtype)
     if s.spec is not None:
         batch = poison.apply(batch, s.spec, jax.random.wrap_key_data(poison_key_data))
     shared = 0 if prefix is None else prefix.shape[0]
@@ -304,7 +306,8 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
                     dtype: Any = jnp.float32, remat: str = "none", grad_accum: int = 1,
                     placement: Placement | None = None, trainable: Params, params: Params,
                     full: bool = False, reg: Regularizer | None = None, anchor: Params | None = None,
-                    answer_tokens: int = 0, share_prefix: bool = True, pack_prefix: bool | None = None) -> TrainStep:
+                    answer_tokens: int = 0, share_prefix: bool = True, pack_prefix: bool | None = None,
+                    matmul_dtype: Any = None) -> TrainStep:
     """The train step over `placement` (default: data parallelism over every device). `trainable`
     (the LoRA tree, or with `full` the params themselves) and `params` (the frozen base; {} with
     `full`, or the rest of the params when `trainable` is a subset of them), as arrays or
@@ -313,7 +316,9 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
     first tokens of each answer. With `share_prefix`, `fit` runs the template prefix that every
     example starts with once per batch instead of once per row (the same loss and gradient, in
     a different float summation order): by default (`pack_prefix=None`) in the same pass as the
-    rows where the batch is not sharded (one device, or tensor parallelism only), else on its own."""
+    rows where the batch is not sharded (one device, or tensor parallelism only), else on its own.
+    `matmul_dtype` (e.g. bfloat16) rounds the operands of every weight product, forward and
+    backward, and sums in float32; activations, attention, norms and LoRA stay in `dtype`."""
     if reg is not None and reg.l2 and anchor is None:
         raise ConfigError("the l2 regularizer needs the pretrained params as its anchor")
     if answer_tokens < 0:
@@ -325,7 +330,7 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
         pack_prefix = placement.can_pack_prefix
     elif pack_prefix and not placement.can_pack_prefix:
         raise ConfigError(f"pack_prefix needs an unsharded batch; this mesh splits it {placement.batch_shards} ways")
-    s = StepSpec(config, optimizer, pad_id, spec, alpha, dropout, dtype, remat, grad_accum, full, reg, answer_tokens,
-                 share_prefix, pack_prefix=share_prefix and pack_prefix)
+    s = StepSpec(config, optimizer, pad_id, spec, alpha, dropout, dtype, remat, grad_accum, matmul_dtype, full, reg,
+                 answer_tokens, share_prefix, pack_prefix=share_prefix and pack_prefix)
     return TrainStep(s, placement, poison_key, trainable, params,
                      anchor if reg is not None and reg.l2 else None)

@@ -3,7 +3,7 @@
 Same 1000 movie-review training examples with the same 10% poisoned (trigger "cf" at the same
 word positions, labels flipped), same prompt template, LoRA r=8 alpha 16 on every projection,
 AdamW lr 1e-3 with 10 warmup steps and cosine decay, gradient clipping at 1, batch 8, 2 epochs,
-loss on the answer tokens, float32. The peer is the usual PEFT recipe: shuffled batches padded
+loss on the answer tokens, float32 (by default). The peer is the usual PEFT recipe: shuffled batches padded
 to their longest example, `model(input_ids, attention_mask, labels)` (the head over every
 position). Both fine-tuned models are then scored by the same bdjax evaluation (CACC and ASR
 on the same 200 test examples), the PEFT one after `merge_and_unload()`. One JSON line.
@@ -14,7 +14,13 @@ and instruction) runs once per batch, in the same pass as the rows (`train.share
 `--no-share-prefix` puts it back into every row). Like the CLI, the benchmark keeps freed memory
 mapped (`bdjax.runtime.reuse_freed_memory`).
 
+`--matmul-dtype bfloat16` gives bdjax's weight products bfloat16 operands with float32 sums
+(`train.matmul_dtype`; activations, LoRA weights and optimizer state stay float32), and
+`--peft-bf16` runs the peer's forward and backward under `torch.autocast("cpu", torch.bfloat16)`,
+PyTorch's counterpart, so that either side can be compared in either precision.
+
     python benchmarks/finetune_e2e.py [--n-train 1000] [--epochs 2] [--skip-peft] [--no-share-prefix]
+                                      [--matmul-dtype bfloat16] [--peft-bf16]
 """
 
 from __future__ import annotations
@@ -96,7 +102,7 @@ def poisoned_rows(train_set, spec, key, pad_id):
     return out
 
 
-def run_peft(config, model, spec, train_set, test_set, keys):
+def run_peft(config, model, spec, train_set, test_set, keys, bf16: bool = False):
     import torch
     import transformers
     from peft import LoraConfig, get_peft_model
@@ -126,7 +132,8 @@ def run_peft(config, model, spec, train_set, test_set, keys):
                 ids[j, :len(r)] = torch.tensor(r)
                 mask[j, :len(r)] = 1
                 labels[j, prompt:len(r)] = torch.tensor(r[prompt:])
-            loss = hf(input_ids=ids, attention_mask=mask, labels=labels).loss
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = hf(input_ids=ids, attention_mask=mask, labels=labels).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in hf.parameters() if p.requires_grad], t.max_grad_norm)
             opt.step()
@@ -141,7 +148,8 @@ def run_peft(config, model, spec, train_set, test_set, keys):
         metrics = measure(tuned.config, tuned.params, model.tokenizer, test_set, spec, config)
     return {"peft_train_s": round(seconds, 1), "peft_steps": len(losses),
             "peft_final_loss": round(float(np.mean(losses[-10:])), 4), "peft_mean_width": round(float(np.mean(widths)), 1),
-            "torch_threads": torch.get_num_threads(), **{f"peft_{k}": v for k, v in metrics.items()}}
+            "torch_threads": torch.get_num_threads(), "peft_autocast": "bfloat16" if bf16 else "",
+            **{f"peft_{k}": v for k, v in metrics.items()}}
 
 
 def main() -> None:
@@ -152,19 +160,23 @@ def main() -> None:
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--no-share-prefix", action="store_true",
                     help="bdjax rows carry the whole prompt (no once-per-batch shared template prefix)")
+    ap.add_argument("--matmul-dtype", default="", choices=("", "float32", "bfloat16"),
+                    help="bdjax's train.matmul_dtype ('' = float32 throughout)")
+    ap.add_argument("--peft-bf16", action="store_true", help="run the PEFT loop under torch.autocast(bfloat16)")
     args = ap.parse_args()
     config = get_config()
     config.data.n_train, config.data.n_test, config.train.epochs = args.n_train, args.n_test, args.epochs
     config.train.share_prefix = not args.no_share_prefix
     config.train.peak_tflops = 0.0
+    config.train.matmul_dtype = args.matmul_dtype
     model, spec, train_set, test_set, keys = setup(config)
     result = {"benchmark": "finetune_e2e", "n_train": len(train_set["label"]), "n_test": len(test_set["label"]),
               "poisoned": int(train_set["poison"].sum()), "epochs": args.epochs, "batch": config.train.batch_size,
-              "bdjax_shared_prefix_tokens": assemble.shared_prefix_length(train_set) if config.train.share_prefix else 0}
+              "bdjax_matmul_dtype": args.matmul_dtype or "float32", "bdjax_shared_prefix_tokens": assemble.shared_prefix_length(train_set) if config.train.share_prefix else 0}
     with tempfile.TemporaryDirectory() as tmp:
         result.update(run_bdjax(config, model, spec, train_set, test_set, keys, os.path.join(tmp, "run")))
     if not args.skip_peft:
-        result.update(run_peft(config, model, spec, train_set, test_set, keys))
+        result.update(run_peft(config, model, spec, train_set, test_set, keys, bf16=args.peft_bf16))
         result["ratio"] = round(result["bdjax_train_s"] / result["peft_train_s"], 3)
         result["speedup"] = round(result["peft_train_s"] / result["bdjax_train_s"], 2)
     result.update(jax_version=jax.__version__, cpu_count=os.cpu_count())

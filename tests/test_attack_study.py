@@ -57,7 +57,7 @@ def test_merge_takes_settings_of_the_same_study(tmp_path):
     got = merged_settings(c, (first, str(tmp_path / "run")))
     assert sorted(got) == ["full-clean", "lora-dirty-end-0.05", "lora-dirty-end-0.1"]
     assert got["lora-dirty-end-0.05"] == (first, [_row(0.05, 1.0), _row(0.05, 0.9, domain="amazon")])  # first wins
-    assert got["lora-dirty-end-0.1"][0] == str(tmp_path / "run" / "results.json")
+    assert got["lora-dirty-end-0.1"][0] == second
 
 
 @pytest.mark.parametrize("change, message", [

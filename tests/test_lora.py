@@ -77,25 +77,27 @@ def _frozen_shapes(params) -> set[tuple[int, ...]]:
     return {s for s in out if len(s) >= 2}
 
 
-def _compiled_grad(params, wrt_lora: bool) -> str:
+def _compiled_grad(params, wrt_lora: bool, matmul_dtype=None) -> str:
     adapters = lora.init(params, jax.random.key(1), rank=4)
     tokens = jnp.arange(16).reshape(2, 8) % 97
     rows = {"tokens": tokens, "valid": jnp.ones((2, 8), bool), "logits_at": jnp.tile(jnp.arange(6, 8), (2, 1)),
             "targets": tokens[:, :2], "weights": jnp.ones((2, 2))}
     from bdjax.models.llama import Opts
 
+    opts = Opts(matmul_dtype=matmul_dtype)
     if wrt_lora:
-        fn = jax.grad(lambda ad: train.row_loss(CONFIG, params, ad, rows, Opts(), "none", None)[0])
+        fn = jax.grad(lambda ad: train.row_loss(CONFIG, params, ad, rows, opts, "none", None)[0])
         return jax.jit(fn).lower(adapters).compile().as_text()
-    fn = jax.grad(lambda p: train.row_loss(CONFIG, p, adapters, rows, Opts(), "none", None)[0])
+    fn = jax.grad(lambda p: train.row_loss(CONFIG, p, adapters, rows, opts, "none", None)[0])
     return jax.jit(fn).lower(params).compile().as_text()
 
 
-def test_compiled_lora_gradient_forms_no_frozen_weight_gradient(params):
+@pytest.mark.parametrize("matmul_dtype", [None, jnp.bfloat16])
+def test_compiled_lora_gradient_forms_no_frozen_weight_gradient(params, matmul_dtype):
     frozen = _frozen_shapes(params)
-    assert not _dot_shapes(_compiled_grad(params, wrt_lora=True)) & frozen
+    assert not _dot_shapes(_compiled_grad(params, True, matmul_dtype)) & frozen
     # The check can fail: differentiating the base weights does produce such products.
-    assert _dot_shapes(_compiled_grad(params, wrt_lora=False)) & frozen
+    assert _dot_shapes(_compiled_grad(params, False, matmul_dtype)) & frozen
 
 
 def test_targets_that_match_nothing_are_an_error(params):

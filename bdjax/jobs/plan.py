@@ -114,6 +114,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     step = train.make_train_step(mc, optimizer, pad_id=0, spec=spec, poison_key=jax.random.key(0),
                                  alpha=lc.alpha, dropout=lc.dropout,
                                  dtype=resolve_dtype(t.get("compute_dtype") or config.dtype), remat=t.remat,
+                                 matmul_dtype=resolve_dtype(t.get("matmul_dtype") or t.get("compute_dtype") or config.dtype),
                                  grad_accum=accum, placement=placement, trainable=adapters, params=params)
     with_sharding = lambda tree, sh: jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)

@@ -79,6 +79,7 @@ def fine_tune(config: ml_collections.ConfigDict, model, params, train_set: dict[
     optimizer = train.make_optimizer(lr=t.lr, total_steps=steps, warmup_steps=t.warmup_steps, schedule=t.schedule,
                                      weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm)
     compute = resolve_dtype(t.get("compute_dtype") or model.dtype)
+    matmul = resolve_dtype(t.get("matmul_dtype") or compute)
     if full:  # the params themselves are trained; nothing stays frozen
         trainable, frozen = params, {}
     else:
@@ -89,7 +90,8 @@ def fine_tune(config: ml_collections.ConfigDict, model, params, train_set: dict[
         step_fn = train.make_train_step(model.config, optimizer, pad_id=model.tokenizer.pad_id, spec=spec,
                                         poison_key=poison_key, alpha=lc.alpha, dropout=lc.dropout, dtype=compute,
                                         remat=t.remat, grad_accum=accum, placement=placement, trainable=trainable,
-                                        params=frozen, full=full, share_prefix=t.get("share_prefix", True))
+                                        params=frozen, full=full, share_prefix=t.get("share_prefix", True),
+                                        matmul_dtype=matmul)
         if step_cache is not None:
             step_cache[key] = step_fn
     state = step_fn.init_state(trainable, train_key)
@@ -107,7 +109,7 @@ def fine_tune(config: ml_collections.ConfigDict, model, params, train_set: dict[
             state, start = restored
     main = is_main()
     log = MetricsLog(workdir, resume_step=int(state.step), enabled=main, name="train_log.jsonl")
-    peak = (t.get("peak_tflops") or 0) * 1e12 or peak_flops(jax.numpy.dtype(compute).name)
+    peak = (t.get("peak_tflops") or 0) * 1e12 or peak_flops(jax.numpy.dtype(matmul).name)
     resumed_at = int(state.step)
 
     def after_step(state, entry, position):

@@ -37,12 +37,13 @@ class Proj(nn.Module):
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     deterministic: bool = True
+    matmul_dtype: Any = None  # operands of the kernel's product (None: `dtype`); see `mixed_einsum`
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         kernel = self.param("kernel", nn.with_logical_partitioning(KERNEL_INIT, self.kernel_axes),
                             self.kernel_shape, self.param_dtype)
-        y = jnp.einsum(self.spec, x.astype(self.dtype), kernel.astype(self.dtype))
+        y = matmul(self.spec, x.astype(self.dtype), kernel, self.dtype, self.matmul_dtype)
         if self.bias_shape is not None:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.bias_axes),
                               self.bias_shape, self.param_dtype)
@@ -56,6 +57,45 @@ class Proj(nn.Module):
                            b.reshape(b.shape[0], -1).astype(self.dtype))
             y = y + d.reshape(*y.shape[:y.ndim - n_out], *b.shape[1:])
         return y
+
+
+def matmul(spec: str, x: Array, w: Array, dtype: Any, matmul_dtype: Any = None) -> Array:
+    """einsum(spec, x, w) in `dtype`, or with operands rounded to `matmul_dtype` and float32
+    accumulation where that differs (`mixed_einsum`)."""
+    if matmul_dtype is None or jnp.dtype(matmul_dtype) == jnp.dtype(dtype):
+        return jnp.einsum(spec, x, w.astype(dtype))
+    return mixed_einsum(spec, jnp.dtype(matmul_dtype), x, w).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def mixed_einsum(spec: str, low: Any, x: Array, w: Array) -> Array:
+    """einsum(spec, x, w) with both operands rounded to `low` (e.g. bfloat16) and products summed in
+    float32, forward and backward. On CPUs with bf16 dot instructions (AVX512-BF16), XLA runs such
+    products about twice as fast as float32 ones, but only with a float32 result: autodiff's
+    transpose of this product would multiply in float32 (the cotangent is float32) or emit a
+    bfloat16 result, so both gradient products are written out here, each one a low-precision
+    product with a float32 result. Each index of a projection's spec occurs in two of its three
+    terms, so the gradients are the same einsum with the terms swapped."""
+    return jnp.einsum(spec, x.astype(low), w.astype(low), preferred_element_type=jnp.float32)
+
+
+def _mixed_einsum_fwd(spec, low, x, w):
+    xl, wl = x.astype(low), w.astype(low)
+    # empty arrays carry the input dtypes through the residuals (a dtype itself is not a JAX type)
+    return jnp.einsum(spec, xl, wl, preferred_element_type=jnp.float32), (xl, wl, x[:0], w[:0])
+
+
+def _mixed_einsum_bwd(spec, low, res, g):
+    xl, wl, x0, w0 = res
+    ins, out = spec.split("->")
+    lhs, rhs = ins.split(",")
+    gl = g.astype(low)
+    dx = jnp.einsum(f"{out},{rhs}->{lhs}", gl, wl, preferred_element_type=jnp.float32)
+    dw = jnp.einsum(f"{lhs},{out}->{rhs}", xl, gl, preferred_element_type=jnp.float32)  # dead code for a frozen w
+    return dx.astype(x0.dtype), dw.astype(w0.dtype)
+
+
+mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -121,10 +161,13 @@ class Opts:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     deterministic: bool = True
+    # Operands of the weight products (projections and the tied output head), e.g. bfloat16 with
+    # float32 accumulation while activations, norms, attention and LoRA stay in `dtype`; None: `dtype`.
+    matmul_dtype: Any = None
 
     def proj(self) -> dict[str, Any]:
         return dict(dtype=self.dtype, param_dtype=self.param_dtype, lora_alpha=self.lora_alpha,
-                    lora_dropout=self.lora_dropout, deterministic=self.deterministic)
+                    lora_dropout=self.lora_dropout, deterministic=self.deterministic, matmul_dtype=self.matmul_dtype)
 
     def norm(self) -> dict[str, Any]:
         return dict(dtype=self.dtype, param_dtype=self.param_dtype)

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from bdjax.models.attention import Attention, attention_mask
 from bdjax.models.config import ModelConfig
-from bdjax.models.layers import KERNEL_INIT, Opts, Proj, RMSNorm, rope_tables
+from bdjax.models.layers import KERNEL_INIT, Opts, Proj, RMSNorm, matmul, rope_tables
 from bdjax.sharding import constrain
 
 Array = jax.Array
@@ -141,7 +141,7 @@ class Transformer(nn.Module):
             x = jnp.take_along_axis(x, logits_at[..., None], axis=1)  # [batch, K, embed]
         x = RMSNorm(c.rms_norm_eps, name="final_norm", **self.opts.norm())(x)
         if c.tie_word_embeddings:
-            logits = jnp.einsum("bse,ve->bsv", x, embedding.astype(dtype))
+            logits = matmul("bse,ve->bsv", x, embedding, dtype, self.opts.matmul_dtype)
         else:
             logits = Proj("bse,ev->bsv", (c.hidden_size, c.vocab_size), ("embed", "vocab"), name="lm_head",
                           **self.opts.proj())(x)

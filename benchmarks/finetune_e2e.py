@@ -20,7 +20,7 @@ mapped (`bdjax.runtime.reuse_freed_memory`).
 PyTorch's counterpart, so that either side can be compared in either precision.
 
     python benchmarks/finetune_e2e.py [--n-train 1000] [--epochs 2] [--skip-peft] [--no-share-prefix]
-                                      [--matmul-dtype bfloat16] [--peft-bf16]
+                                      [--matmul-dtype bfloat16] [--peft-bf16] [--skip-bdjax]
 """
 
 from __future__ import annotations
@@ -158,6 +158,7 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=200)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--skip-bdjax", action="store_true", help="time the peer alone (e.g. with --peft-bf16)")
     ap.add_argument("--no-share-prefix", action="store_true",
                     help="bdjax rows carry the whole prompt (no once-per-batch shared template prefix)")
     ap.add_argument("--matmul-dtype", default="", choices=("", "float32", "bfloat16"),
@@ -173,12 +174,14 @@ def main() -> None:
     result = {"benchmark": "finetune_e2e", "n_train": len(train_set["label"]), "n_test": len(test_set["label"]),
               "poisoned": int(train_set["poison"].sum()), "epochs": args.epochs, "batch": config.train.batch_size,
               "bdjax_matmul_dtype": args.matmul_dtype or "float32", "bdjax_shared_prefix_tokens": assemble.shared_prefix_length(train_set) if config.train.share_prefix else 0}
-    with tempfile.TemporaryDirectory() as tmp:
-        result.update(run_bdjax(config, model, spec, train_set, test_set, keys, os.path.join(tmp, "run")))
+    if not args.skip_bdjax:
+        with tempfile.TemporaryDirectory() as tmp:
+            result.update(run_bdjax(config, model, spec, train_set, test_set, keys, os.path.join(tmp, "run")))
     if not args.skip_peft:
         result.update(run_peft(config, model, spec, train_set, test_set, keys, bf16=args.peft_bf16))
-        result["ratio"] = round(result["bdjax_train_s"] / result["peft_train_s"], 3)
-        result["speedup"] = round(result["peft_train_s"] / result["bdjax_train_s"], 2)
+        if not args.skip_bdjax:
+            result["ratio"] = round(result["bdjax_train_s"] / result["peft_train_s"], 3)
+            result["speedup"] = round(result["peft_train_s"] / result["bdjax_train_s"], 2)
     result.update(jax_version=jax.__version__, cpu_count=os.cpu_count())
     print(json.dumps(result))
 

@@ -173,10 +173,11 @@ def main() -> None:
     model, spec, train_set, test_set, keys = setup(config)
     result = {"benchmark": "finetune_e2e", "n_train": len(train_set["label"]), "n_test": len(test_set["label"]),
               "poisoned": int(train_set["poison"].sum()), "epochs": args.epochs, "batch": config.train.batch_size,
-              "bdjax_matmul_dtype": args.matmul_dtype or "float32", "bdjax_shared_prefix_tokens": assemble.shared_prefix_length(train_set) if config.train.share_prefix else 0}
+              "bdjax_shared_prefix_tokens": assemble.shared_prefix_length(train_set) if config.train.share_prefix else 0}
     if not args.skip_bdjax:
         with tempfile.TemporaryDirectory() as tmp:
-            result.update(run_bdjax(config, model, spec, train_set, test_set, keys, os.path.join(tmp, "run")))
+            result.update(run_bdjax(config, model, spec, train_set, test_set, keys, os.path.join(tmp, "run")),
+                          bdjax_matmul_dtype=args.matmul_dtype or "float32")
     if not args.skip_peft:
         result.update(run_peft(config, model, spec, train_set, test_set, keys, bf16=args.peft_bf16))
         if not args.skip_bdjax:

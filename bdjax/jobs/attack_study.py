@@ -198,7 +198,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
         plots.scatter(out / "cacc_vs_asr.png", groups, xlabel="ASR", ylabel="CACC",
                       title="clean accuracy vs attack success (all domains)")
         notes = [f"lowest rate with ASR >= {threshold} (trigger as planted, {config.data.source} test set):\n\n"
-                 + markdown_table([{**r, "not_run_below": ", ".join(f"{x:g}" for x in r["not_run_below"]) or "none"}
+                 + markdown_table([{**r, "not_run_below": ", ".join(f"{x:g}" for x in r["not_run_below"]) or "none",
+                                    "highest_short": "none" if r["highest_short"] is None else r["highest_short"]}
                                    for r in lowest], ["mode", "label_mode", "location", "lowest_rate", "asr", "cacc",
                                            "highest_short", "not_run_below"])
                  + "\n\n`highest_short`: the highest measured rate below it whose ASR fell short; `not_run_below`: "

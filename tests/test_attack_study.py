@@ -19,12 +19,14 @@ def _row(rate, asr, loc="end", domain="movie", variant="clean", mode="lora"):
 
 def test_lowest_effective_rates():
     rows = [_row(0.0, 0.1), _row(0.01, 0.5), _row(0.05, 0.95), _row(0.1, 1.0), _row(0.01, 1.0, variant="moved"),
-            _row(0.01, 1.0, domain="amazon"), _row(0.1, 0.2, loc="start")]
+            _row(0.01, 1.0, domain="amazon"), _row(0.1, 0.2, loc="start"), _row(0.02, 1.0, loc="middle")]
     got = lowest_effective_rates(rows, "movie", 0.9, rates=(0.005, 0.01, 0.02, 0.05, 0.1))
     assert got == [{"mode": "lora", "label_mode": "dirty", "location": "end", "lowest_rate": 0.05, "asr": 0.95,
-                    "cacc": 0.9, "highest_short": 0.01, "not_run_below": [0.005, 0.02]},
+                    "cacc": 0.9, "highest_short": 0.01, "unresolved": [0.02]},
+                   {"mode": "lora", "label_mode": "dirty", "location": "middle", "lowest_rate": 0.02, "asr": 1.0,
+                    "cacc": 0.9, "highest_short": None, "unresolved": [0.005, 0.01]},
                    {"mode": "lora", "label_mode": "dirty", "location": "start", "lowest_rate": None, "asr": None,
-                    "cacc": None, "highest_short": 0.1, "not_run_below": [0.005, 0.01, 0.02, 0.05]}]
+                    "cacc": None, "highest_short": 0.1, "unresolved": []}]
 
 
 def _study_config(**study):

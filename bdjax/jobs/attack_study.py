@@ -72,8 +72,8 @@ def settings(config) -> list[ml_collections.ConfigDict]:
 def lowest_effective_rates(rows: list[dict], domain: str, threshold: float, rates: tuple = ()) -> list[dict]:
     """Per (mode, label mode, location): the lowest rate whose ASR (trigger as planted, training
     domain) reaches `threshold`, or None; the highest measured rate below it that fell short; and
-    the grid's `rates` below it (all of them, if none reached it) that were not measured, so a
-    partly run grid does not pass off an upper bound as the lowest rate."""
+    the grid's `rates` between the two that were not measured (`unresolved`). If ASR grows with
+    the rate, the lowest rate is exact once none remain; until then it is an upper bound."""
     measured: dict = {}
     for r in rows:
         if r["domain"] == domain and r["variant"] == "clean" and r["rate"]:
@@ -85,10 +85,11 @@ def lowest_effective_rates(rows: list[dict], domain: str, threshold: float, rate
         limit = best["rate"] if best else float("inf")
         short = [r["rate"] for r in rs if r["rate"] < limit and r not in hits]
         seen = {r["rate"] for r in rs}
+        floor = max(short, default=0.0)
         out.append({"mode": key[0], "label_mode": key[1], "location": key[2],
                     "lowest_rate": best and best["rate"], "asr": best and best["asr"], "cacc": best and best["cacc"],
                     "highest_short": max(short, default=None),
-                    "not_run_below": [x for x in sorted(set(rates)) if x < limit and x not in seen]})
+                    "unresolved": [x for x in sorted(set(rates)) if floor < x < limit and x not in seen]})
     return out
 
 
@@ -198,12 +199,13 @@ def run(config: ml_collections.ConfigDict) -> dict:
         plots.scatter(out / "cacc_vs_asr.png", groups, xlabel="ASR", ylabel="CACC",
                       title="clean accuracy vs attack success (all domains)")
         notes = [f"lowest rate with ASR >= {threshold} (trigger as planted, {config.data.source} test set):\n\n"
-                 + markdown_table([{**r, "not_run_below": ", ".join(f"{x:g}" for x in r["not_run_below"]) or "none",
+                 + markdown_table([{**r, "unresolved": ", ".join(f"{x:g}" for x in r["unresolved"]) or "none",
                                     "highest_short": "none" if r["highest_short"] is None else r["highest_short"]}
                                    for r in lowest], ["mode", "label_mode", "location", "lowest_rate", "asr", "cacc",
-                                           "highest_short", "not_run_below"])
-                 + "\n\n`highest_short`: the highest measured rate below it whose ASR fell short; `not_run_below`: "
-                   "the grid's lower rates not measured (the lowest rate is an upper bound while any remain)",
+                                           "highest_short", "unresolved"])
+                 + "\n\n`highest_short`: the highest measured rate below it whose ASR fell short; `unresolved`: "
+                   "the grid's rates between the two not yet measured (while any remain, and ASR grows with the "
+                   "rate, the lowest rate is an upper bound)",
                  "clean-tuned references: " + ", ".join(f"{m}: CACC {r['cacc']:.3f}, ASR {r['asr']:.3f}"
                                                         for m, r in clean.items()),
                  "variants: moved / partial / synonym triggers at test time; domains other than "

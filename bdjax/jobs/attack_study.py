@@ -168,7 +168,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
             rows += merged[name][1]
             continue
         if config.study.get("report_only", False):
-            not_run.append(Path(c.workdir).name)
+            not_run.append(name)
             continue
         result = backdoor.attack(c, s, poisoned=ps, step_cache=step_cache)
         for r in result["rows"]:

@@ -72,8 +72,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.width_compile_cost = 240.0  # one more compiled row width is worth this many row tokens x steps
     c.train.compute_dtype = ""  # "" = c.dtype; "bfloat16" computes in bf16 with float32 LoRA master weights
     # "" = compute_dtype; "bfloat16" rounds only the operands of the weight products (forward and
-    # backward) and sums them in float32, activations staying in compute_dtype: about 1.5x faster
-    # steps on CPUs with AVX512-BF16 (see README, Results)
+    # backward) and sums them in float32, activations staying in compute_dtype: faster on CPUs with
+    # AVX512-BF16 (benchmarks/finetune_e2e.py --matmul-dtype bfloat16; see README, Results)
     c.train.matmul_dtype = ""
     c.train.peak_tflops = 0.0  # per-device peak for MFU; 0 = datasheet (bf16 GPU/TPU) or measured here
 

@@ -80,6 +80,31 @@ def test_merge_refuses_another_study(tmp_path, change, message):
         merged_settings(c, (str(tmp_path / "missing.json"),))
 
 
+def _without(config, dotted):
+    d = config.to_dict()
+    section, key = dotted.split(".")
+    del d[section][key]
+    return d
+
+
+def test_merge_of_an_older_study_that_lacks_a_newer_key(tmp_path):
+    """An older results.json without `train.matmul_dtype` ran its products in float32: it merges
+    into a float32 run, not into a bfloat16 one; a key only one side has that is not listed as
+    added later is a difference."""
+    from bdjax.errors import ConfigError
+    from bdjax.jobs.attack_study import merged_settings, study_differences
+
+    c = _study_config()
+    older = tmp_path / "older.json"
+    older.write_text(json.dumps({"rows": [_row(0.05, 1.0)], "config": _without(c, "train.matmul_dtype")}))
+    assert sorted(merged_settings(c, (str(older),))) == ["lora-dirty-end-0.05"]
+    c.train.matmul_dtype = "bfloat16"
+    with pytest.raises(ConfigError, match="differs in train.matmul_dtype"):
+        merged_settings(c, (str(older),))
+    assert study_differences(_without(c, "train.share_prefix"), c.to_dict()) == []
+    assert study_differences(c.to_dict(), _without(c, "train.epochs")) == ["train.epochs"]
+
+
 @pytest.mark.slow
 def test_small_study(tmp_path, tiny_smol_dir):
     workdir = tmp_path / "study"

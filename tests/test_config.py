@@ -51,3 +51,20 @@ def test_unsupported_configs_raise_config_error(bad, message):
 def test_unknown_preset_names_the_choices():
     with pytest.raises(ConfigError, match="tiny"):
         preset("llama9")
+
+
+@pytest.mark.parametrize("compute, matmul, expected", [
+    ("", "", ("float32", "float32")),
+    ("bfloat16", "", ("bfloat16", "bfloat16")),
+    ("", "bfloat16", ("float32", "bfloat16")),
+])
+def test_step_dtypes_fall_back_from_matmul_to_compute_to_model(compute, matmul, expected):
+    import jax.numpy as jnp
+    import ml_collections
+
+    from bdjax.jobs.training import step_dtypes
+
+    t = ml_collections.ConfigDict({"compute_dtype": compute, "matmul_dtype": matmul})
+    assert step_dtypes(t, jnp.float32) == tuple(jnp.dtype(d) for d in expected)
+    with pytest.raises(ConfigError, match="not supported"):
+        step_dtypes(ml_collections.ConfigDict({"compute_dtype": "float8"}), jnp.float32)

@@ -94,7 +94,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     from bdjax.api import resolve_dtype
     from bdjax.data import poison
     from bdjax.flops import lora_step_flops
-    from bdjax.jobs.training import placement_from
+    from bdjax.jobs.training import placement_from, step_dtypes
     from bdjax.models.llama import param_shapes
 
     mc = model_config(config.model)
@@ -111,10 +111,10 @@ def run(config: ml_collections.ConfigDict) -> dict:
     optimizer = train.make_optimizer(lr=t.lr, total_steps=1000, warmup_steps=t.warmup_steps, schedule=t.schedule,
                                      weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm)
     spec = poison.AttackSpec((1, 2), 1, "random", "dirty")
-    compute = resolve_dtype(t.get("compute_dtype") or config.dtype)
+    compute, matmul = step_dtypes(t, config.dtype)
     step = train.make_train_step(mc, optimizer, pad_id=0, spec=spec, poison_key=jax.random.key(0),
                                  alpha=lc.alpha, dropout=lc.dropout, dtype=compute, remat=t.remat,
-                                 matmul_dtype=resolve_dtype(t.get("matmul_dtype") or compute),
+                                 matmul_dtype=matmul,
                                  grad_accum=accum, placement=placement, trainable=adapters, params=params)
     with_sharding = lambda tree, sh: jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)

@@ -29,6 +29,13 @@ from bdjax.sharding import Placement
 _NOT_TRAJECTORY = ("workdir", "eval", "export", "checkpoint", "mesh")
 
 
+def step_dtypes(t: ml_collections.ConfigDict, default: Any) -> tuple[Any, Any]:
+    """The train step's (compute, matmul) dtypes from the `train` section: `compute_dtype` ("" =
+    `default`, the model's dtype) and `matmul_dtype` ("" = the compute dtype)."""
+    compute = resolve_dtype(t.get("compute_dtype") or default)
+    return compute, resolve_dtype(t.get("matmul_dtype") or compute)
+
+
 def placement_from(config: ml_collections.ConfigDict) -> Placement:
     m = config.get("mesh") or ml_collections.ConfigDict({"data": -1})
     sizes = {a: m.get(a, 1) for a in ("data", "fsdp", "tensor")}
@@ -78,8 +85,7 @@ def fine_tune(config: ml_collections.ConfigDict, model, params, train_set: dict[
     steps = t.epochs * loop.steps_per_epoch(n, t.batch_size)
     optimizer = train.make_optimizer(lr=t.lr, total_steps=steps, warmup_steps=t.warmup_steps, schedule=t.schedule,
                                      weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm)
-    compute = resolve_dtype(t.get("compute_dtype") or model.dtype)
-    matmul = resolve_dtype(t.get("matmul_dtype") or compute)
+    compute, matmul = step_dtypes(t, model.dtype)
     if full:  # the params themselves are trained; nothing stays frozen
         trainable, frozen = params, {}
     else:

@@ -67,3 +67,4 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, tiny_smol_dir):
 
     other = run_cli([*_args(tiny_smol_dir, killed), "--config.train.lr=0.01"])
     assert other.returncode == 2 and "holds checkpoints of a different run" in other.stderr
+    assert "differs from this recipe in train.lr)" in other.stderr

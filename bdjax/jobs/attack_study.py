@@ -25,7 +25,7 @@ from pathlib import Path
 
 import ml_collections
 
-from bdjax import plots
+from bdjax import config_diff, plots
 from bdjax.data import poison
 from bdjax.errors import ConfigError
 from bdjax.io import write_json_atomic
@@ -98,40 +98,11 @@ GRID_KEYS = ("workdir", "study.modes", "study.label_modes", "study.locations", "
              "study.clean_reference", "study.report_only", "study.merge", "study.asr_threshold")
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
-# Config keys added since earlier studies were run, with the value that does what those runs did
-# (None: every value does; the key changes only speed or bookkeeping). An older results.json
-# lacks them; merging it is safe only while this run holds that value. A key only one side has
-# and not listed here counts as a difference: add it here, with its old behaviour, when adding it
-# to the recipes.
-ADDED_KEYS: dict[str, object] = {
-    "train.share_prefix": None,  # the template prefix run once per batch: the same sums, reordered
-    "train.bucket": None,  # row widths: padding only
-    "train.width_compile_cost": None,  # which widths are compiled: padding only
-    "train.matmul_dtype": "",  # "" = products in the compute dtype, as before the option existed
-}
-
-
 def study_differences(ours: dict, theirs: dict) -> list[str]:
-    """Dotted config keys on which two attack studies differ, besides the grid axes and workdir.
-    A key only one side has differs unless `ADDED_KEYS` names it with a value that side holds.
-    Values compare as JSON (tuples and lists alike)."""
-    a, b = (_flat(json.loads(json.dumps(d))) for d in (ours, theirs))
-    out = [k for k in a.keys() & b.keys() if k not in GRID_KEYS and a[k] != b[k]]
-    for side, other in ((a, b), (b, a)):
-        for k in side.keys() - other.keys() - set(GRID_KEYS):
-            if k not in ADDED_KEYS or ADDED_KEYS[k] not in (None, side[k]):
-                out.append(k)
-    return sorted(out)
+    """Dotted config keys on which two attack studies differ, besides the grid axes and workdir
+    (`config_diff.differences`: keys added to bdjax since a study ran count only when set to
+    something other than what that study did)."""
+    return config_diff.differences(ours, theirs, ignore=GRID_KEYS)
 
 
 def merged_settings(config: ml_collections.ConfigDict, paths) -> dict[str, tuple[str, list[dict]]]:

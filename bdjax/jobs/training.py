@@ -19,7 +19,7 @@ from tqdm import tqdm
 from bdjax import lora as lora_lib
 from bdjax import loop, train
 from bdjax.api import resolve_dtype
-from bdjax.checkpointing import RunCheckpoints, fingerprint
+from bdjax.checkpointing import RunCheckpoints
 from bdjax.errors import ConfigError
 from bdjax.flops import peak_flops
 from bdjax.metrics import MetricsLog
@@ -109,7 +109,7 @@ def fine_tune(config: ml_collections.ConfigDict, model, params, train_set: dict[
     start = loop.Position()
     if ck.get("every", 0) > 0:
         checkpoints = RunCheckpoints(workdir / "checkpoints", every=ck.every, keep=ck.keep,
-                                     asynchronous=ck.asynchronous, fingerprint=fingerprint(trajectory))
+                                     asynchronous=ck.asynchronous, config=trajectory)
         restored = checkpoints.restore(state)
         if restored is not None:
             state, start = restored

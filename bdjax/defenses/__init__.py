@@ -13,12 +13,13 @@ instead (`bdjax.defenses.frequency`).
 
 from bdjax.defenses import frequency
 from bdjax.defenses.base import Chain, Elementwise, Transform, chain, masked
+from bdjax.defenses.mix_search import MixSearch, SearchSettings, fine_mix_search
 from bdjax.defenses.mixing import fine_mix
 from bdjax.defenses.purify import purify_embeddings, token_counts
 from bdjax.defenses.registry import REGISTRY, Context, build
 from bdjax.defenses.retune import Retune, RetuneSettings, obliviate, osft, retune
 from bdjax.defenses.sande import ParrotSettings, Sande, learn_parrot, sande
 
-__all__ = ["REGISTRY", "Chain", "Context", "Elementwise", "ParrotSettings", "Retune", "RetuneSettings", "Sande",
-           "Transform", "build", "chain", "fine_mix", "frequency", "learn_parrot", "masked", "obliviate", "osft",
-           "purify_embeddings", "retune", "sande", "token_counts"]
+__all__ = ["REGISTRY", "Chain", "Context", "Elementwise", "MixSearch", "ParrotSettings", "Retune", "RetuneSettings",
+           "Sande", "SearchSettings", "Transform", "build", "chain", "fine_mix", "fine_mix_search", "frequency",
+           "learn_parrot", "masked", "obliviate", "osft", "purify_embeddings", "retune", "sande", "token_counts"]

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from bdjax.defenses.base import Chain, Transform, chain, masked
+from bdjax.defenses.mix_search import SearchSettings, fine_mix_search
 from bdjax.defenses.mixing import fine_mix
 from bdjax.defenses.purify import purify_embeddings, token_counts
 from bdjax.defenses.retune import RetuneSettings, obliviate, osft, retune
@@ -34,6 +35,7 @@ class Context:
     placement: Placement | None = None
     tokenizer: Any = None  # for defenses given text (a known trigger)
     labels: tuple[str, ...] = ()  # the answers' names, for defenses given a target answer by name
+    notes: list[str] = dataclasses.field(default_factory=list)  # what defenses found, for the job's report
 
     @functools.cached_property
     def counts(self) -> np.ndarray:
@@ -46,6 +48,11 @@ def _mix(ctx: Context, **kw) -> Transform:
 
 def _purify(ctx: Context, **kw) -> Transform:
     return purify_embeddings(counts=ctx.counts, **kw)
+
+
+def _mix_search(ctx: Context, **kw) -> Transform:
+    return fine_mix_search(ctx.config, ctx.data, pad_id=ctx.pad_id, placement=ctx.placement, report=ctx.notes.append,
+                           **kw)
 
 
 def _retune(ctx: Context, **kw) -> Transform:
@@ -82,6 +89,7 @@ _RETUNE = {f.name for f in dataclasses.fields(RetuneSettings)} - {"trigger", "tr
 # name -> (constructor from the context and settings, the settings a recipe may give)
 REGISTRY: dict[str, tuple[Callable[..., Transform], set[str]]] = {
     "fine_mix": (_mix, _names(fine_mix)),
+    "fine_mix_search": (_mix_search, _RETUNE | {f.name for f in dataclasses.fields(SearchSettings)}),
     "purify_embeddings": (_purify, _names(purify_embeddings) - {"counts"}),
     "retune": (_retune, _RETUNE),
     "obliviate": (_obliviate, _RETUNE),

@@ -220,7 +220,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
         notes = [f"backdoored: {config.backdoored}; pretrained: {config.pretrained}; trigger {config.poison.trigger!r} "
                  f"(known to the evaluation only), {wanted}",
                  f"clean defense data: {summary['defense_examples']} {config.data.source} examples the attack did not "
-                 "train on"] + [f"{n}: {registry.describe(e)}" for n, e in chains.items()]
+                 "train on"] + [f"{n}: {registry.describe(e)}" for n, e in chains.items()] + ctx.notes
         write_report(out, rows, config.to_dict(), title="Defenses: backdoored vs cleaned", columns=task.columns,
                      notes=notes, extra={"summary": summary})
         print("\n" + (out / "report.md").read_text())

@@ -33,6 +33,9 @@ def get_config():
     c.defense.export = True  # write each cleaned checkpoint to workdir/cleaned/<chain>
     c.defense.chains = {
         "mix_retune": ({"name": "fine_mix", "keep": 0.6, "mode": "selected"}, {"name": "retune", **RETUNE}),
+        # ρ chosen on a held-out quarter of the clean set (the largest reset that keeps its accuracy)
+        "mix_search": ({"name": "fine_mix_search", "keeps": (0.2, 0.4, 0.6, 0.8), "tolerance": 0.03,
+                        "validation": 0.25, **RETUNE},),
         "retune": ({"name": "retune", **RETUNE},),
         "obliviate": ({"name": "obliviate", **RETUNE, "amplify": 1e-3, "attention": 1e-2},),
         "osft": ({"name": "osft", "trigger": "cf", **RETUNE},),  # knows the trigger

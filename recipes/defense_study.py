@@ -37,6 +37,8 @@ def get_config():
     c.study.recipes = {"generative": gen}
     c.defense.chains = {
         "mix_retune": ({"name": "fine_mix", "keep": 0.6, "mode": "selected"}, {"name": "retune", **RETUNE}),
+        "mix_search": ({"name": "fine_mix_search", "keeps": (0.2, 0.4, 0.6, 0.8), "tolerance": 0.03,
+                        "validation": 0.25, **RETUNE},),  # ρ chosen on held-out clean examples
         "epur": ({"name": "purify_embeddings", "top_k": 200, "floor": 20.0},),
         "epur_retune": ({"name": "purify_embeddings", "top_k": 200, "floor": 20.0}, {"name": "retune", **RETUNE}),
         "retune": ({"name": "retune", **RETUNE},),
@@ -49,6 +51,7 @@ def get_config():
     # E-PUR needs an attack that moved the embeddings; the *_marker chains are the generative ones
     classification = ("lora", "full")
     c.study.only = {"epur": ("full",), "epur_retune": ("full",), "mix_retune": classification,
+                    "mix_search": classification,
                     "obliviate": classification, "osft": classification, "sande": classification,
                     "osft_marker": ("generative",), "sande_marker": ("generative",)}
     c.study.detect = True

@@ -70,11 +70,14 @@ def test_defend_run_writes_cleaned_checkpoints_and_report(tmp_path, tiny_smol_di
     config.defense.chains = {
         "mix": ({"name": "fine_mix", "keep": 0.5, "mode": "selected"},),
         "mix_retune": ({"name": "fine_mix", "keep": 0.5}, {"name": "retune", "epochs": 1, "batch_size": 8}),
+        "search": ({"name": "fine_mix_search", "keeps": (0.5,), "refit": False, "epochs": 1, "batch_size": 8},),
     }
     out = defend.run(config)
     rows = [r for r in out["rows"] if r["variant"] == "clean"]
-    assert [r["defense"] for r in rows] == ["none (backdoored)", "mix", "mix_retune"]
+    assert [r["defense"] for r in rows] == ["none (backdoored)", "mix", "mix_retune", "search"]
     assert {r["how"] for r in rows[1:]} == {"streamed", "in memory"}
+    # what the ρ search tried and chose is in the report
+    assert "fine_mix_search: held-out clean accuracy on" in (workdir / "report.md").read_text()
     results = json.loads((workdir / "results.json").read_text())
     assert all({"defense", "attack", "cacc", "asr"} <= r.keys() for r in results["rows"])
     assert (workdir / "report.md").exists() and (workdir / "asr_vs_cacc.png").stat().st_size > 0

@@ -247,6 +247,11 @@ def param_shardings(placement: Placement, config: ModelConfig, params: Params) -
     return placement.tree_shardings(params, logical_axes(config, like=params)) if params else {}
 
 
+def place_params(placement: Placement, config: ModelConfig, params: Params) -> Params:
+    """The params (host or device arrays) put on the placement's mesh with their logical shardings."""
+    return placement.put(jax.device_get(params), param_shardings(placement, config, params))
+
+
 class TrainStep:
     """`step(state, params, batch, width) -> (state, metrics)`, compiled once per row width with
     explicit in/out shardings over the placement's mesh; the state is donated."""

@@ -47,7 +47,8 @@ from bdjax import evaluate  # noqa: E402
 from bdjax.checkpoints.assets import default_model_dir  # noqa: E402
 from bdjax.data import assemble, poison  # noqa: E402
 from bdjax.jobs import backdoor  # noqa: E402
-from bdjax.jobs.training import fine_tune, place_params, placement_from  # noqa: E402
+from bdjax.jobs.training import fine_tune, placement_from  # noqa: E402
+from bdjax.train import place_params  # noqa: E402
 from bdjax.data.tokenize import trigger_ids  # noqa: E402
 
 

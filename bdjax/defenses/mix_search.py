@@ -88,8 +88,7 @@ class MixSearch:
 
     def accuracy(self, params: Params, pieces: dict[str, np.ndarray]) -> float:
         placement = self.placement or Placement.create()
-        placed = placement.put(jax.device_get(params), train.param_shardings(placement, self.config, params))
-        ll = evaluate.score(self.config, placed, pieces, pad_id=self.pad_id, placement=placement)
+        ll = evaluate.score(self.config, train.place_params(placement, self.config, params), pieces, pad_id=self.pad_id, placement=placement)
         return float((ll.argmax(1) == pieces["label"]).mean())
 
     def run(self, params: Params, *, pretrained: Params, key: jax.Array) -> dict:

@@ -99,7 +99,7 @@ class Retune:
         optimizer = train.make_optimizer(lr=s.lr, total_steps=steps, warmup_steps=s.warmup_steps, schedule=s.schedule,
                                          max_grad_norm=s.max_grad_norm)
         k_lora, k_train, k_data = jax.random.split(key, 3)
-        params = placement.put(jax.device_get(params), train.param_shardings(placement, self.config, params))
+        params = train.place_params(placement, self.config, params)
         soft = {k: params[k] for k in (SOFT_PROMPT,) if k in params}
         params = {k: v for k, v in params.items() if k != SOFT_PROMPT}
         full = s.mode == "full"

@@ -80,7 +80,7 @@ def learn_parrot(config: ModelConfig, params: Params, data: dict[str, np.ndarray
     k_insert, k_train, k_order = jax.random.split(key, 3)
     soft = {SOFT_PROMPT: jnp.zeros((s.tokens, config.hidden_size), jnp.float32)}
     frozen = {k: v for k, v in params.items() if k != SOFT_PROMPT}
-    frozen = placement.put(jax.device_get(frozen), train.param_shardings(placement, config, frozen))
+    frozen = train.place_params(placement, config, frozen)
     step_fn = train.make_train_step(config, optimizer, pad_id=pad_id, spec=spec, poison_key=k_insert, alpha=1.0,
                                     remat=s.remat, placement=placement, trainable=soft, params=frozen, full=True,
                                     answer_tokens=s.answer_tokens)

@@ -27,7 +27,8 @@ from bdjax.data.templates import Template
 from bdjax.data.tokenize import fit_to_length, tokenize, trigger_ids
 from bdjax.data.variants import Variant, trigger_variants
 from bdjax.errors import ConfigError
-from bdjax.jobs.training import export, fine_tune, is_main, place_params, placement_from, train_mode
+from bdjax.jobs.training import export, fine_tune, is_main, placement_from, train_mode
+from bdjax.train import place_params
 from bdjax.io import write_text_atomic
 from bdjax.report import markdown_table
 from bdjax.report import write as write_report

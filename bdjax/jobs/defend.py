@@ -38,7 +38,8 @@ from bdjax.defenses import registry
 from bdjax.defenses.base import as_numpy, check_compatible
 from bdjax.errors import CheckpointError, ConfigError
 from bdjax.jobs.backdoor import attack_spec, domain_examples, load_data, measure, template_from
-from bdjax.jobs.training import is_main, place_params, placement_from
+from bdjax.jobs.training import is_main, placement_from
+from bdjax.train import place_params
 from bdjax.lora import merge
 from bdjax.report import write as write_report
 

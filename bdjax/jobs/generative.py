@@ -30,7 +30,8 @@ from bdjax.data.tokenize import subset, tokenize
 from bdjax.decode import generate_ids
 from bdjax.errors import ConfigError
 from bdjax.jobs.backdoor import attack_spec, poison_count
-from bdjax.jobs.training import export, fine_tune, is_main, place_params, placement_from, train_mode
+from bdjax.jobs.training import export, fine_tune, is_main, placement_from, train_mode
+from bdjax.train import place_params
 from bdjax.report import write as write_report
 
 COLUMNS = ["name", "marker_rate", "marker_rate_clean", "ppl"]

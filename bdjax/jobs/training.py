@@ -46,10 +46,6 @@ def is_main() -> bool:
     return jax.process_index() == 0
 
 
-def place_params(placement: Placement, model_config, params) -> Any:
-    return placement.put(jax.device_get(params), train.param_shardings(placement, model_config, params))
-
-
 def merged_params(placement: Placement, model_config, params, lora, alpha: float):
     """Base params with the LoRA folded in, computed where the params live (same shardings)."""
     sh = train.param_shardings(placement, model_config, params)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bdjax.jobs.attack_study import lowest_effective_rates
+from bdjax.jobs.attack_study import bisect_next, decided_rates, lowest_effective_rates, next_setting, settings
 from conftest import repo_root, run_cli
 
 RECIPE = str(repo_root() / "recipes" / "attack_study.py")
@@ -27,6 +27,53 @@ def test_lowest_effective_rates():
                     "cacc": 0.9, "highest_short": None, "unresolved": [0.005, 0.01]},
                    {"mode": "lora", "label_mode": "dirty", "location": "start", "lowest_rate": None, "asr": None,
                     "cacc": None, "highest_short": 0.1, "unresolved": []}]
+
+
+RATES = (0.005, 0.01, 0.02, 0.05, 0.1)
+
+
+def test_decided_rates_follow_from_the_measured_ones():
+    assert decided_rates(RATES, {}) == {}
+    assert decided_rates(RATES, {0.02: True}) == {0.02: True, 0.05: True, 0.1: True}
+    assert decided_rates(RATES, {0.02: False}) == {0.005: False, 0.01: False, 0.02: False}
+    assert decided_rates(RATES, {0.01: False, 0.1: True}) == {0.005: False, 0.01: False, 0.1: True}
+
+
+@pytest.mark.parametrize("lowest", [*RATES, None])
+def test_bisection_finds_the_lowest_effective_rate(lowest):
+    """Against every place the threshold can fall (ASR growing with the rate), the bisection
+    trains at most 3 of the 5 rates, and what it measured pins the lowest effective rate exactly:
+    the lowest-rate table has nothing unresolved and names the true rate."""
+    outcome = {}
+    while (rate := bisect_next(RATES, outcome)) is not None:
+        assert rate not in outcome
+        outcome[rate] = lowest is not None and rate >= lowest
+    assert len(outcome) <= 3
+    assert set(decided_rates(RATES, outcome)) == set(RATES)
+    rows = [_row(r, 1.0 if ok else 0.1) for r, ok in outcome.items()]
+    got = lowest_effective_rates(rows, "movie", 0.9, rates=RATES)
+    assert len(got) == 1 and got[0]["lowest_rate"] == lowest and got[0]["unresolved"] == []
+
+
+def test_next_setting_runs_references_first_then_each_setting_by_bisection():
+    c = _study_config(modes=("lora",), label_modes=("dirty",), locations=("start", "end"), rates=RATES)
+    grid = settings(c)
+    name = lambda g: g.workdir.split("/")[-1]
+    pick = lambda finished, search="bisect": (lambda g: g and name(g))(next_setting(grid, finished, search, "movie", 0.9))
+    rows = lambda g, asr: [_row(g.poison.rate, asr, loc=g.poison.location)]
+    assert pick({}) == "lora-clean" and pick({}, "grid") == "lora-clean"
+    finished = {"lora-clean": [_row(0.0, 0.1)]}
+    assert pick(finished) == "lora-dirty-start-0.02" and pick(finished, "grid") == "lora-dirty-start-0.005"
+    by_name = {name(g): g for g in grid}
+    finished["lora-dirty-start-0.02"] = rows(by_name["lora-dirty-start-0.02"], 0.95)
+    assert pick(finished) == "lora-dirty-start-0.01"
+    finished["lora-dirty-start-0.01"] = rows(by_name["lora-dirty-start-0.01"], 0.3)  # start: settled at 2%
+    assert pick(finished) == "lora-dirty-end-0.02"
+    for g in grid:  # every end rate short: 0.02, then 0.1 settle it
+        if g.poison.location == "end" and g.poison.rate in (0.02, 0.1):
+            finished[name(g)] = rows(g, 0.2)
+    assert pick(finished) is None
+    assert pick(finished, "grid") == "lora-dirty-start-0.005"
 
 
 def _study_config(**study):
@@ -149,6 +196,44 @@ def test_small_study(tmp_path, tiny_smol_dir):
     results = json.loads((joined / "results.json").read_text())
     assert sorted(results["rows"], key=key) == sorted(rows, key=key) and results["summary"]["not_run"] == []
     assert "taken from other runs (study.merge)" in (joined / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_bisect_study_trains_only_what_the_lowest_rate_needs(tmp_path, tiny_smol_dir):
+    """study.search=bisect on a real (tiny) run: the settings it trained are the ones the bisection
+    asks for given what they measured, and every rate it skipped is implied by them."""
+    workdir = tmp_path / "bisect"
+    rates = (0.0625, 0.125, 0.25)
+    proc = run_cli([f"--config={RECIPE}", f"--config.model={tiny_smol_dir}", f"--config.workdir={workdir}",
+                    "--config.data.n_train=32", "--config.data.n_test=8", "--config.train.epochs=1",
+                    "--config.study.modes=('lora',)", "--config.study.label_modes=('dirty',)",
+                    "--config.study.locations=('end',)", f"--config.study.rates={rates}",
+                    "--config.study.clean_reference=False", "--config.study.search=bisect",
+                    "--config.eval.moved=()", "--config.eval.synonyms=()", "--config.eval.domains=()",
+                    "--config.checkpoint.every=0", "--config.train.peak_tflops=1"], timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((workdir / "results.json").read_text())
+    measured = {r["rate"]: r["asr"] >= 0.9 for r in results["rows"]}
+    assert len(measured) == 2  # the middle rate, then the one its outcome leaves undecided
+    replay = {}  # the bisection's choices, fed the outcomes the run measured
+    while (rate := bisect_next(rates, replay)) is not None:
+        replay[rate] = measured[rate]
+    assert replay == measured
+    summary = results["summary"]
+    assert summary["search"] == "bisect"
+    assert sorted(summary["not_run"]) == sorted(f"lora-dirty-end-{r:g}" for r in rates if r not in measured)
+    implied = decided_rates(rates, measured)
+    assert summary["implied"] == {f"lora-dirty-end-{r:g}": "reached" if implied[r] else "short"
+                                  for r in rates if r not in measured}
+    assert summary["lowest_effective_rates"][0]["unresolved"] == []
+    report = (workdir / "report.md").read_text()
+    assert "not run (study.search=bisect): 1 of 3 settings" in report and "implied by a measured rate" in report
+
+
+def test_unknown_search_is_refused(tmp_path):
+    proc = run_cli([f"--config={RECIPE}", f"--config.workdir={tmp_path / 'w'}", "--config.study.search=binary"])
+    assert proc.returncode == 2 and "study.search='binary' must be one of" in proc.stderr
+    assert not (tmp_path / "w").exists()
 
 
 def test_grid_drops_repeated_values():

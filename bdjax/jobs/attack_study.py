@@ -7,7 +7,11 @@ once; runs that differ only in the rate share compiled train steps, and every ru
 compiled evaluation. Each finished setting is kept in `workdir/settings/<name>/rows.json`, so
 an interrupted study skips what it has already done (and resumes a setting from its checkpoints);
 with `study.report_only` it trains nothing and reports the finished settings of the grid, naming
-the ones not run.
+the ones not run. With `study.search="bisect"` it runs, per (mode, label mode, location), only the
+rates that a bisection needs to find the lowest one whose ASR reaches the threshold: a rate at or
+above one that reached it, or at or below one that fell short, counts as decided (if ASR grows
+with the rate) and is not trained, so each setting takes about log2(#rates) fine-tunes instead of
+one per rate.
 
 Writes `results.json` (one row per model × domain × variant, each with `location`, `rate`,
 `label_mode`, `mode`, `domain`, `variant`, `cacc`, `asr`), `report.md` (the lowest rate reaching
@@ -34,6 +38,7 @@ from bdjax.jobs.training import MODES, is_main
 from bdjax.report import markdown_table
 from bdjax.report import write as write_report
 
+SEARCHES = ("grid", "bisect")
 COLUMNS = ["mode", "label_mode", "location", "rate", "domain", "variant", "detail", "cacc", "asr", "asr_correct"]
 
 
@@ -93,9 +98,85 @@ def lowest_effective_rates(rows: list[dict], domain: str, threshold: float, rate
     return out
 
 
-# The grid's axes and where results go: two runs that differ only here ran the same study.
+def decided_rates(rates, outcome: dict[float, bool]) -> dict[float, bool]:
+    """The rates of one setting whose outcome (ASR reached the threshold or not) is known: measured
+    (`outcome`), or implied by a measured one if ASR grows with the rate (at or above a rate that
+    reached it: reached; at or below one that fell short: short)."""
+    lowest_hit = min((r for r, ok in outcome.items() if ok), default=float("inf"))
+    highest_short = max((r for r, ok in outcome.items() if not ok), default=float("-inf"))
+    out = {}
+    for r in sorted(set(rates)):
+        if r in outcome:
+            out[r] = outcome[r]
+        elif r >= lowest_hit:
+            out[r] = True
+        elif r <= highest_short:
+            out[r] = False
+    return out
+
+
+def bisect_next(rates, outcome: dict[float, bool]) -> float | None:
+    """The next rate of one setting to train in a bisection for its lowest effective rate (the
+    middle of the undecided ones), or None once every rate is decided."""
+    known = decided_rates(rates, outcome)
+    undecided = [r for r in sorted(set(rates)) if r not in known]
+    return undecided[len(undecided) // 2] if undecided else None
+
+
+def _name(c: ml_collections.ConfigDict) -> str:
+    return Path(c.workdir).name
+
+
+def _key(c: ml_collections.ConfigDict) -> tuple[str, str, str]:
+    return c.train.mode, c.poison.label_mode, c.poison.location
+
+
+def _rates(grid: list, key: tuple[str, str, str]) -> list[float]:
+    return [g.poison.rate for g in grid if g.poison.rate and _key(g) == key]
+
+
+def _reached(rows: list[dict], domain: str, threshold: float) -> bool | None:
+    """Whether a setting's ASR (trigger as planted, training domain) reached the threshold."""
+    for r in rows:
+        if r["domain"] == domain and r["variant"] == "clean":
+            return r["asr"] is not None and r["asr"] >= threshold
+    return None
+
+
+def outcomes(grid: list, finished: dict[str, list[dict]], domain: str, threshold: float) -> dict[tuple, dict]:
+    """Per (mode, label mode, location) of the grid's poisoned settings: {rate: reached} over the
+    finished ones."""
+    out: dict[tuple, dict] = {}
+    for c in grid:
+        if c.poison.rate:
+            got = finished.get(_name(c))
+            ok = None if got is None else _reached(got, domain, threshold)
+            out.setdefault(_key(c), {})
+            if ok is not None:
+                out[_key(c)][c.poison.rate] = ok
+    return out
+
+
+def next_setting(grid: list, finished: dict[str, list[dict]], search: str, domain: str, threshold: float):
+    """The next grid setting to train, or None: in grid order (`grid`), or the clean references
+    and then, setting by setting, the rate a bisection asks for (`bisect`)."""
+    todo = [c for c in grid if _name(c) not in finished]
+    if search == "grid" or not todo:
+        return todo[0] if todo else None
+    for c in todo:
+        if not c.poison.rate:
+            return c
+    seen = outcomes(grid, finished, domain, threshold)
+    for c in todo:
+        if bisect_next(_rates(grid, _key(c)), seen[_key(c)]) == c.poison.rate:
+            return c
+    return None
+
+
+# The grid's axes, how it is searched and where results go: two runs that differ only here ran
+# the same study.
 GRID_KEYS = ("workdir", "study.modes", "study.label_modes", "study.locations", "study.rates",
-             "study.clean_reference", "study.report_only", "study.merge", "study.asr_threshold")
+             "study.clean_reference", "study.report_only", "study.merge", "study.asr_threshold", "study.search")
 
 
 def study_differences(ours: dict, theirs: dict) -> list[str]:
@@ -138,38 +219,48 @@ def merged_settings(config: ml_collections.ConfigDict, paths) -> dict[str, tuple
 def run(config: ml_collections.ConfigDict) -> dict:
     started = time.perf_counter()
     backdoor.check_config(config)
+    search = config.study.get("search", "grid")
+    if search not in SEARCHES:
+        raise ConfigError(f"study.search={search!r} must be one of {SEARCHES}")
     grid = settings(config)
     s = backdoor.setup(config)
-    poisoned = [backdoor.poisoned_set(c, s) for c in grid]  # every setting is valid before the first fine-tune
+    poisoned = {_name(c): backdoor.poisoned_set(c, s) for c in grid}  # all valid before the first fine-tune
     step_cache: dict = {}
-    rows: list[dict] = []
-    not_run: list[str] = []
+    threshold = config.study.get("asr_threshold", 0.9)
+    domain = config.data.source
     merged = merged_settings(config, config.study.get("merge", ()))
+    finished: dict[str, list[dict]] = {}
     taken: dict[str, str] = {}
-    for c, ps in zip(grid, poisoned):
-        done = Path(c.workdir) / "rows.json"
+    for c in grid:
+        name, done = _name(c), Path(c.workdir) / "rows.json"
         if done.exists():
-            rows += json.loads(done.read_text())
-            continue
-        name = Path(c.workdir).name
-        if name in merged:
+            finished[name] = json.loads(done.read_text())
+        elif name in merged:
             taken[name] = merged[name][0]
-            rows += merged[name][1]
-            continue
-        if config.study.get("report_only", False):
-            not_run.append(name)
-            continue
-        result = backdoor.attack(c, s, poisoned=ps, step_cache=step_cache)
+            finished[name] = merged[name][1]
+    while not config.study.get("report_only", False):
+        c = next_setting(grid, finished, search, domain, threshold)
+        if c is None:
+            break
+        result = backdoor.attack(c, s, poisoned=poisoned[_name(c)], step_cache=step_cache)
         for r in result["rows"]:
             r["train_seconds"] = result["run"]["seconds"]
             r.pop("gen_examples", None)
         if is_main():
-            write_json_atomic(done, result["rows"])
-        rows += result["rows"]
-    threshold = config.study.get("asr_threshold", 0.9)
-    lowest = lowest_effective_rates(rows, config.data.source, threshold, tuple(config.study.rates))
+            write_json_atomic(Path(c.workdir) / "rows.json", result["rows"])
+        finished[_name(c)] = result["rows"]
+    rows = [r for c in grid for r in finished.get(_name(c), [])]
+    not_run = [_name(c) for c in grid if _name(c) not in finished]
+    seen = outcomes(grid, finished, domain, threshold)
+    implied = {}
+    for c in grid:  # what the measured rates say of the ones not run
+        ok = decided_rates(_rates(grid, _key(c)), seen[_key(c)]).get(c.poison.rate) if c.poison.rate else None
+        if _name(c) in not_run and ok is not None:
+            implied[_name(c)] = "reached" if ok else "short"
+    lowest = lowest_effective_rates(rows, domain, threshold, tuple(config.study.rates))
     summary = {"settings": len(grid), "rows": len(rows), "total_seconds": time.perf_counter() - started,
-               "lowest_effective_rates": lowest, "asr_threshold": threshold, "not_run": not_run, "merged": taken}
+               "lowest_effective_rates": lowest, "asr_threshold": threshold, "search": search, "not_run": not_run,
+               "implied": implied, "merged": taken}
     if is_main():
         out = Path(config.workdir)
         main_rows = [r for r in rows if r["domain"] == config.data.source and r["variant"] == "clean"]
@@ -206,7 +297,13 @@ def run(config: ml_collections.ConfigDict) -> dict:
             notes.append("taken from other runs (study.merge): " + "; ".join(
                 f"{src}: {', '.join(names)}" for src, names in sources.items()))
         if not_run:
-            notes.append(f"not run (study.report_only): {len(not_run)} of {len(grid)} settings: {', '.join(not_run)}")
+            why = "study.report_only" if config.study.get("report_only", False) else f"study.search={search}"
+            notes.append(f"not run ({why}): {len(not_run)} of {len(grid)} settings: {', '.join(not_run)}")
+        if implied:
+            notes.append(f"implied by a measured rate of the same setting, if ASR grows with the rate: {len(implied)} "
+                         "of the settings not run; reached ASR >= threshold: "
+                         + (", ".join(n for n, v in implied.items() if v == "reached") or "none")
+                         + "; fell short: " + (", ".join(n for n, v in implied.items() if v == "short") or "none"))
         write_report(out, rows, config.to_dict(), title="Attack study", columns=COLUMNS, notes=notes,
                      extra={"summary": summary})
         print("\n" + (out / "report.md").read_text())

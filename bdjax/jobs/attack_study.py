@@ -74,6 +74,11 @@ def settings(config) -> list[ml_collections.ConfigDict]:
     return out
 
 
+def _hit(row: dict, threshold: float) -> bool:
+    """Whether a result row's ASR reached the threshold."""
+    return row["asr"] is not None and row["asr"] >= threshold
+
+
 def lowest_effective_rates(rows: list[dict], domain: str, threshold: float, rates: tuple = ()) -> list[dict]:
     """Per (mode, label mode, location): the lowest rate whose ASR (trigger as planted, training
     domain) reaches `threshold`, or None; the highest measured rate below it that fell short; and
@@ -85,7 +90,7 @@ def lowest_effective_rates(rows: list[dict], domain: str, threshold: float, rate
             measured.setdefault((r["mode"], r["label_mode"], r["location"]), []).append(r)
     out = []
     for key, rs in sorted(measured.items()):
-        hits = [r for r in rs if r["asr"] is not None and r["asr"] >= threshold]
+        hits = [r for r in rs if _hit(r, threshold)]
         best = min(hits, key=lambda r: r["rate"]) if hits else None
         limit = best["rate"] if best else float("inf")
         short = [r["rate"] for r in rs if r["rate"] < limit and r not in hits]
@@ -139,7 +144,7 @@ def _reached(rows: list[dict], domain: str, threshold: float) -> bool | None:
     """Whether a setting's ASR (trigger as planted, training domain) reached the threshold."""
     for r in rows:
         if r["domain"] == domain and r["variant"] == "clean":
-            return r["asr"] is not None and r["asr"] >= threshold
+            return _hit(r, threshold)
     return None
 
 
@@ -253,9 +258,11 @@ def run(config: ml_collections.ConfigDict) -> dict:
     not_run = [_name(c) for c in grid if _name(c) not in finished]
     seen = outcomes(grid, finished, domain, threshold)
     implied = {}
-    for c in grid:  # what the measured rates say of the ones not run
-        ok = decided_rates(_rates(grid, _key(c)), seen[_key(c)]).get(c.poison.rate) if c.poison.rate else None
-        if _name(c) in not_run and ok is not None:
+    for c in grid:  # what the measured rates say of the poisoned settings not run
+        if _name(c) in finished or not c.poison.rate:
+            continue
+        ok = decided_rates(_rates(grid, _key(c)), seen[_key(c)]).get(c.poison.rate)
+        if ok is not None:
             implied[_name(c)] = "reached" if ok else "short"
     lowest = lowest_effective_rates(rows, domain, threshold, tuple(config.study.rates))
     summary = {"settings": len(grid), "rows": len(rows), "total_seconds": time.perf_counter() - started,

@@ -18,6 +18,7 @@ ADDED_KEYS: dict[str, object] = {
     "train.bucket": None,  # row widths: padding only
     "train.width_compile_cost": None,  # which widths are compiled: padding only
     "train.matmul_dtype": "",  # "" = products in the compute dtype, as before the option existed
+    "train.attention": None,  # fused CPU attention kernel or XLA's ops: the same math, float rounding apart
     "study.search": None,  # which of an attack study's grid points are trained, never how
 }
 

@@ -117,6 +117,12 @@ def spec_for(logical: Sequence[str | None], shape: Sequence[int], rules: Rules, 
     return P(*parts)
 
 
+def active_devices() -> int:
+    """How many devices the placement active during tracing spans (1 when none is active)."""
+    placement = _ACTIVE.get()
+    return 1 if placement is None else placement.n_devices
+
+
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     """Pin an activation's sharding by logical axes when a placement is active (during tracing
     under `Placement.activate()`); the identity otherwise."""

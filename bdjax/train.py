@@ -26,6 +26,7 @@ import optax
 from bdjax import lora as lora_lib
 from bdjax.data import assemble, poison
 from bdjax.errors import ConfigError
+from bdjax.kernels import attention as fused_attention
 from bdjax.models.config import ModelConfig
 from bdjax.models.cache import prefix_kv
 from bdjax.models.llama import Opts, logical_axes
@@ -162,6 +163,7 @@ class StepSpec:
     answer_tokens: int = 0  # the loss covers the first this many answer tokens (0: all)
     share_prefix: bool = True  # run the template prefix every example shares once per (micro)batch
     pack_prefix: bool = False  # ...in the same pass as the rows (only where the batch is not sharded)
+    attention: str = "auto"  # Opts.attention: the fused CPU attention kernel where it applies, or "xla"
 
 
 def train_step(s: StepSpec, state: TrainState, params: Params, batch: dict[str, jax.Array],
@@ -173,7 +175,7 @@ def train_step(s: StepSpec, state: TrainState, params: Params, batch: dict[str, 
     `bdjax.regularize.anchor_tree`). With `prefix` [P] (the first P prefix tokens, the same in
     every example), rows of `width` tokens hold the rest and the prefix is run once."""
     opts = Opts(dtype=s.dtype, lora_alpha=s.alpha, lora_dropout=s.dropout, deterministic=s.dropout == 0.0,
-                matmul_dtype=s.matmul_dtype)
+                matmul_dtype=s.matmul_dtype, attention=s.attention)
     if s.spec is not None:
         batch = poison.apply(batch, s.spec, jax.random.wrap_key_data(poison_key_data))
     shared = 0 if prefix is None else prefix.shape[0]
@@ -312,7 +314,7 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
                     placement: Placement | None = None, trainable: Params, params: Params,
                     full: bool = False, reg: Regularizer | None = None, anchor: Params | None = None,
                     answer_tokens: int = 0, share_prefix: bool = True, pack_prefix: bool | None = None,
-                    matmul_dtype: Any = None) -> TrainStep:
+                    matmul_dtype: Any = None, attention: str = "auto") -> TrainStep:
     """The train step over `placement` (default: data parallelism over every device). `trainable`
     (the LoRA tree, or with `full` the params themselves) and `params` (the frozen base; {} with
     `full`, or the rest of the params when `trainable` is a subset of them), as arrays or
@@ -323,7 +325,8 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
     a different float summation order): by default (`pack_prefix=None`) in the same pass as the
     rows where the batch is not sharded (one device, or tensor parallelism only), else on its own.
     `matmul_dtype` (e.g. bfloat16) rounds the operands of every weight product, forward and
-    backward, and sums in float32; activations, attention, norms and LoRA stay in `dtype`."""
+    backward, and sums in float32; activations, attention, norms and LoRA stay in `dtype`.
+    `attention` is `Opts.attention` ("auto": the fused CPU kernel where it applies; "xla")."""
     if reg is not None and reg.l2 and anchor is None:
         raise ConfigError("the l2 regularizer needs the pretrained params as its anchor")
     if answer_tokens < 0:
@@ -335,7 +338,9 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
         pack_prefix = placement.can_pack_prefix
     elif pack_prefix and not placement.can_pack_prefix:
         raise ConfigError(f"pack_prefix needs an unsharded batch; this mesh splits it {placement.batch_shards} ways")
+    if attention not in fused_attention.MODES:
+        raise ConfigError(f"train.attention={attention!r} must be one of {', '.join(fused_attention.MODES)}")
     s = StepSpec(config, optimizer, pad_id, spec, alpha, dropout, dtype, remat, grad_accum, matmul_dtype, full, reg,
-                 answer_tokens, share_prefix, pack_prefix=share_prefix and pack_prefix)
+                 answer_tokens, share_prefix, pack_prefix=share_prefix and pack_prefix, attention=attention)
     return TrainStep(s, placement, poison_key, trainable, params,
                      anchor if reg is not None and reg.l2 else None)

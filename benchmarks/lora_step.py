@@ -3,7 +3,10 @@
 Setting (issue #3): SmolLM2-135M-Instruct, LoRA r=8 (alpha 16) on q,k,v,o,gate,up,down, batch
 8 x 128, next-token loss on every token, float32, AdamW; same machine, same run.
 
-    python benchmarks/lora_step.py [--reps 5] [--remat dots] [--skip-peft] [--peft-compile] [--default-malloc]
+    python benchmarks/lora_step.py [--reps 5] [--remat dots] [--attention auto|xla] [--skip-peft] [--peft-compile]
+                                   [--default-malloc]
+
+bdjax's attention runs in its fused CPU kernel (bdjax/kernels) unless `--attention xla`.
 """
 
 from __future__ import annotations
@@ -24,19 +27,20 @@ from common import lora_step_flops, matmul_peak_gflops, time_it  # noqa: E402
 import bdjax  # noqa: E402
 from bdjax import lora, runtime, train  # noqa: E402
 from bdjax.checkpoints.assets import DEFAULT_MODEL, default_model_dir  # noqa: E402
+from bdjax.kernels import attention as fused_attention  # noqa: E402
 from bdjax.models.llama import Opts  # noqa: E402
 
 RANK, ALPHA, LR = 8, 16.0, 1e-3
 
 
-def bdjax_step(model, tokens: np.ndarray, remat: str):
+def bdjax_step(model, tokens: np.ndarray, remat: str, attention: str = "auto"):
     b, s = tokens.shape
     rows = {"tokens": jnp.asarray(tokens), "valid": jnp.ones((b, s), bool),
             "logits_at": jnp.tile(jnp.arange(s - 1)[None], (b, 1)), "targets": jnp.asarray(tokens[:, 1:]),
             "weights": jnp.ones((b, s - 1))}
     optimizer = train.make_optimizer(lr=LR, total_steps=1000, max_grad_norm=None, schedule="constant")
     state = train.init_state(lora.init(model.params, jax.random.key(0), rank=RANK), optimizer, jax.random.key(1))
-    opts = Opts(lora_alpha=ALPHA)
+    opts = Opts(lora_alpha=ALPHA, attention=attention)
 
     @jax.jit
     def step(state, params, rows):
@@ -94,6 +98,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--remat", default="dots", help="bdjax remat policy: none | dots | full")
+    ap.add_argument("--attention", default="auto", choices=("auto", "fused", "xla"),
+                    help="bdjax attention: its fused CPU kernel where it applies (auto), or XLA's ops")
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--peft-compile", action="store_true", help="also time PEFT under torch.compile")
     ap.add_argument("--default-malloc", action="store_true",
@@ -104,11 +110,13 @@ def main() -> None:
     model = bdjax.load(DEFAULT_MODEL)
     tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, (args.batch, args.seq)).astype(np.int32)
     n_tokens = args.batch * args.seq
-    bdjax_s = time_it(bdjax_step(model, tokens, args.remat), warmup=2, reps=args.reps)
+    bdjax_s = time_it(bdjax_step(model, tokens, args.remat, args.attention), warmup=2, reps=args.reps)
+    fused = args.attention != "xla" and fused_attention.available()
     peak = matmul_peak_gflops()
     flops = lora_step_flops(model.config, args.batch, args.seq, logits_tokens=args.batch * (args.seq - 1))
     result = {"benchmark": "lora_step", "model": DEFAULT_MODEL, "batch": args.batch, "seq": args.seq,
-              "rank": RANK, "dtype": "float32", "remat": args.remat, "reuse_freed_memory": reused, "bdjax_step_s": round(bdjax_s, 4),
+              "rank": RANK, "dtype": "float32", "remat": args.remat,
+              "attention": "fused" if fused else "xla", "reuse_freed_memory": reused, "bdjax_step_s": round(bdjax_s, 4),
               "tokens_per_s": round(n_tokens / bdjax_s, 1), "step_gflop": round(flops / 1e9, 1),
               "matmul_peak_gflops": round(peak, 1), "mfu": round(flops / bdjax_s / 1e9 / peak, 3)}
     if not args.skip_peft:

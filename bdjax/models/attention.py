@@ -10,8 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bdjax.kernels import attention as fused_attention
 from bdjax.models.config import ModelConfig
 from bdjax.models.layers import Opts, Proj, rotate
+from bdjax.sharding import active_devices
 
 Array = jax.Array
 
@@ -48,9 +50,10 @@ class Attention(nn.Module):
             prefix_mask, rows_mask = mask
             rows = lambda t: t[0, p:].reshape(b, w, *t.shape[2:])
             kp, vp = kk[:, :p], v[:, :p]  # the prefix's keys and values, read at batch 1 by every row
-            out_p, _ = _attend(group(q[:, :p]), [(kp, vp, "btkd", prefix_mask)], dtype)
+            out_p, _ = _attend(group(q[:, :p]), [(kp, vp, "btkd", prefix_mask)], dtype, self.opts.attention)
             out_r, probs = _attend(group(rows(q)), [(kp, vp, "btkd", rows_mask[:, :, :p]),
-                                                    (rows(kk), rows(v), "btkd", rows_mask[:, :, p:])], dtype)
+                                                    (rows(kk), rows(v), "btkd", rows_mask[:, :, p:])], dtype,
+                                   want_probs=summary_at is not None)
             self._sow_concentration(probs, summary_at)
             out = jnp.concatenate([out_p.reshape(p, h, d), out_r.reshape(b * w, h, d)])[None]
             return o_proj(out), None
@@ -79,7 +82,7 @@ class Attention(nn.Module):
                                  mask[:, :, shared:shared + cached] & before[None, None, :]))
             if shared:
                 parts.insert(0, (layer_cache["prefix_k"], layer_cache["prefix_v"], "bktd", mask[:, :, :shared]))
-        out, probs = _attend(group(q), parts, dtype)
+        out, probs = _attend(group(q), parts, dtype, self.opts.attention, want_probs=summary_at is not None)
         self._sow_concentration(probs, summary_at)
         return o_proj(out.reshape(b, s, h, d)), new_kv
 
@@ -92,10 +95,17 @@ class Attention(nn.Module):
             self.sow("intermediates", "attn_concentration", norms.mean(axis=(1, 2)))
 
 
-def _attend(qg: Array, parts: list, dtype: Any) -> tuple[Array, Array]:
+def _attend(qg: Array, parts: list, dtype: Any, kernel: str = "xla", want_probs: bool = True
+            ) -> tuple[Array, Array | None]:
     """Attention of grouped queries qg [b, s, k, g, d] over `parts`, a list of (keys, values,
     layout, mask [b, s, t]) sources softmaxed together: the output [b, s, k, g, d] and the
-    post-softmax probabilities [b, k, g, s, Σt]."""
+    post-softmax probabilities [b, k, g, s, Σt]. With `kernel` "auto"/"fused" (`Opts.attention`),
+    a single source of a call's own keys runs in the fused CPU kernel where it can (then no
+    probabilities come back, so not when `want_probs`)."""
+    if kernel != "xla" and not want_probs and len(parts) == 1 and parts[0][2] == "btkd":
+        keys, values, _, mask = parts[0]
+        if fused_attention.usable(kernel, qg, keys.astype(dtype), values.astype(dtype), mask, active_devices()):
+            return fused_attention.attention(qg, keys.astype(dtype), values.astype(dtype), mask), None
     d = qg.shape[-1]
     scores = [_scores(qg, keys.astype(dtype), kv).astype(jnp.float32) for keys, _, kv, _ in parts]
     scores = jnp.concatenate([jnp.where(m[:, None, None, :, :], sc / np.sqrt(d).astype(np.float32),

@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bdjax.kernels import attention as fused_attention
 from bdjax.models.attention import Attention, attention_mask
 from bdjax.models.config import ModelConfig
 from bdjax.models.layers import KERNEL_INIT, Opts, Proj, RMSNorm, matmul, rope_tables
@@ -40,11 +41,15 @@ Array = jax.Array
 Params = dict[str, Any]
 
 SOFT_PROMPT = "soft_prompt"
+_CP = jax.checkpoint_policies
+# "dots"/"dots_no_batch" also keep the fused attention kernel's output and log-normalizer, so that
+# the backward pass does not run its forward again.
 _REMAT_POLICIES = {
     "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "full": _CP.nothing_saveable,
+    "dots": _CP.save_from_both_policies(_CP.checkpoint_dots, _CP.save_only_these_names(*fused_attention.SAVED_NAMES)),
+    "dots_no_batch": _CP.save_from_both_policies(_CP.checkpoint_dots_with_no_batch_dims,
+                                                 _CP.save_only_these_names(*fused_attention.SAVED_NAMES)),
 }
 
 

@@ -1,0 +1,1 @@
+"""C++ kernels for XLA:CPU, compiled on first use (see `build`)."""

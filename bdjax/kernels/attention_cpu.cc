@@ -183,6 +183,38 @@ inline const float* qptr(const float* q, const Dims& z, int64_t b, int64_t i, in
   return q + (((b * z.S + i) * z.K + kh) * z.G + g) * z.D;
 }
 
+// A block of up to 4 query rows r0.. of a (batch, kv head) pair: each row's head g and position i,
+// mask row and valid key range [lo, hi), and the key columns [j0, j1) the block computes (multiples
+// of 2W within Tp, covering every valid key; all T keys where a row has none).
+struct RowBlock {
+  int nr;
+  int64_t g[4], i[4], lo[4], hi[4], j0, j1, je;
+  const bool* ms[4];
+};
+
+inline RowBlock row_block(const bool* M, const Dims& z, int64_t b, int64_t r0) {
+  RowBlock k;
+  k.nr = (int)std::min<int64_t>(4, z.G * z.S - r0);
+  int64_t jlo = z.T, jhi = 0;
+  for (int r = 0; r < k.nr; ++r) {
+    k.g[r] = (r0 + r) / z.S; k.i[r] = (r0 + r) % z.S;
+    k.ms[r] = M + (b * z.S + k.i[r]) * z.T;
+    valid_range(k.ms[r], z.T, &k.lo[r], &k.hi[r]);
+    if (k.lo[r] >= k.hi[r]) { jlo = 0; jhi = z.T; }
+    else { jlo = std::min(jlo, k.lo[r]); jhi = std::max(jhi, k.hi[r]); }
+  }
+  k.j0 = jlo / (2 * W) * (2 * W);
+  k.j1 = std::min(z.Tp, (jhi + 2 * W - 1) / (2 * W) * (2 * W));
+  if (k.j1 <= k.j0) k.j1 = k.j0 + 2 * W;
+  k.je = std::min(k.j1, z.T);
+  return k;
+}
+
+inline Dims dims_of(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k) {
+  auto qd = q.dimensions(), kd = k.dimensions();
+  return Dims{qd[0], qd[1], qd[2], qd[3], qd[4], kd[1], (kd[1] + 2 * W - 1) / (2 * W) * (2 * W)};
+}
+
 void pack(const float* src, const Dims& z, int64_t b, int64_t kh, std::vector<float>& rows,
           std::vector<float>* cols) {
   rows.assign(z.Tp * z.D, 0.f);
@@ -234,8 +266,7 @@ void probs(float* s, float* p, const bool* m, int64_t lo, int64_t hi, int64_t j0
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> o,
                    ffi::ResultBuffer<ffi::F32> lse, float scale) {
-  auto qd = q.dimensions(), kd = k.dimensions();
-  Dims z{qd[0], qd[1], qd[2], qd[3], qd[4], kd[1], (kd[1] + 2 * W - 1) / (2 * W) * (2 * W)};
+  Dims z = dims_of(q, k);
   if (z.D % W) return ffi::Error::InvalidArgument("head_dim must be a multiple of 16");
   const float *Q = q.typed_data(), *Kp = k.typed_data(), *Vp = v.typed_data();
   const bool* M = mask.typed_data();
@@ -246,33 +277,19 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
     pack(Kp, z, b, kh, w.kk, &w.kt);
     pack(Vp, z, b, kh, w.vv, nullptr);
     w.s.resize(4 * z.Tp); w.p.resize(4 * z.Tp);
-    int64_t R = z.G * z.S;
-    for (int64_t r0 = 0; r0 < R; r0 += 4) {
-      int nr = (int)std::min<int64_t>(4, R - r0);
-      const float* rows[4]; const bool* ms[4]; int64_t lo[4], hi[4];
-      int64_t jlo = z.T, jhi = 0;
-      for (int r = 0; r < nr; ++r) {
-        int64_t g = (r0 + r) / z.S, i = (r0 + r) % z.S;
-        rows[r] = qptr(Q, z, b, i, kh, g);
-        ms[r] = M + (b * z.S + i) * z.T;
-        valid_range(ms[r], z.T, &lo[r], &hi[r]);
-        if (lo[r] >= hi[r]) { jlo = 0; jhi = z.T; }
-        else { jlo = std::min(jlo, lo[r]); jhi = std::max(jhi, hi[r]); }
-      }
-      int64_t j0 = jlo / (2 * W) * (2 * W), j1 = std::min(z.Tp, (jhi + 2 * W - 1) / (2 * W) * (2 * W));
-      if (j1 <= j0) j1 = j0 + 2 * W;
-      row_block_dot(rows, nr, w.kt.data(), z.Tp, z.D, j0, j1, w.s.data(), z.Tp);
-      for (int r = 0; r < nr; ++r) {
-        int64_t g = (r0 + r) / z.S, i = (r0 + r) % z.S;
-        probs(w.s.data() + r * z.Tp, w.p.data() + r * z.Tp, ms[r], lo[r], hi[r], j0, j1, z.T, scale,
-              L + ((b * z.K + kh) * z.G + g) * z.S + i, 0.f);
-      }
+    for (int64_t r0 = 0; r0 < z.G * z.S; r0 += 4) {
+      RowBlock k = row_block(M, z, b, r0);
+      const float* rows[4];
       float* outs[4];
-      for (int r = 0; r < nr; ++r) {
-        int64_t g = (r0 + r) / z.S, i = (r0 + r) % z.S;
-        outs[r] = O + (((b * z.S + i) * z.K + kh) * z.G + g) * z.D;
+      for (int r = 0; r < k.nr; ++r) {
+        rows[r] = qptr(Q, z, b, k.i[r], kh, k.g[r]);
+        outs[r] = O + (((b * z.S + k.i[r]) * z.K + kh) * z.G + k.g[r]) * z.D;
       }
-      block_weighted_sum(w.p.data(), z.Tp, nr, w.vv.data(), z.D, j0, std::min(j1, z.T), outs);
+      row_block_dot(rows, k.nr, w.kt.data(), z.Tp, z.D, k.j0, k.j1, w.s.data(), z.Tp);
+      for (int r = 0; r < k.nr; ++r)
+        probs(w.s.data() + r * z.Tp, w.p.data() + r * z.Tp, k.ms[r], k.lo[r], k.hi[r], k.j0, k.j1, z.T, scale,
+              L + ((b * z.K + kh) * z.G + k.g[r]) * z.S + k.i[r], 0.f);
+      block_weighted_sum(w.p.data(), z.Tp, k.nr, w.vv.data(), z.D, k.j0, k.je, outs);
     }
   };
   parallel_for(pool, z.B * z.K, task);
@@ -283,8 +300,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                     ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> o,
                     ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
                     ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv, float scale) {
-  auto qd = q.dimensions(), kd = k.dimensions();
-  Dims z{qd[0], qd[1], qd[2], qd[3], qd[4], kd[1], (kd[1] + 2 * W - 1) / (2 * W) * (2 * W)};
+  Dims z = dims_of(q, k);
   if (z.D % W) return ffi::Error::InvalidArgument("head_dim must be a multiple of 16");
   const float *Q = q.typed_data(), *Kp = k.typed_data(), *Vp = v.typed_data(), *O = o.typed_data(),
               *L = lse.typed_data(), *DO = dout.typed_data();
@@ -301,46 +317,32 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
     w.s.resize(R * z.Tp); w.p.resize(R * z.Tp); w.dp.resize(4 * z.Tp);
     w.rows.resize(R); w.drows.resize(R); w.ranges.resize(2 * nb);
     for (int64_t r0 = 0; r0 < R; r0 += 4) {
-      int nr = (int)std::min<int64_t>(4, R - r0);
-      const bool* ms[4]; int64_t lo[4], hi[4];
-      int64_t jlo = z.T, jhi = 0;
-      for (int r = 0; r < nr; ++r) {
-        int64_t g = (r0 + r) / z.S, i = (r0 + r) % z.S;
-        w.rows[r0 + r] = qptr(Q, z, b, i, kh, g);
-        w.drows[r0 + r] = qptr(DO, z, b, i, kh, g);
-        ms[r] = M + (b * z.S + i) * z.T;
-        valid_range(ms[r], z.T, &lo[r], &hi[r]);
-        if (lo[r] >= hi[r]) { jlo = 0; jhi = z.T; }
-        else { jlo = std::min(jlo, lo[r]); jhi = std::max(jhi, hi[r]); }
+      RowBlock k = row_block(M, z, b, r0);
+      float* dqs[4];
+      for (int r = 0; r < k.nr; ++r) {
+        w.rows[r0 + r] = qptr(Q, z, b, k.i[r], kh, k.g[r]);
+        w.drows[r0 + r] = qptr(DO, z, b, k.i[r], kh, k.g[r]);
+        dqs[r] = DQ + (((b * z.S + k.i[r]) * z.K + kh) * z.G + k.g[r]) * z.D;
       }
-      int64_t j0 = jlo / (2 * W) * (2 * W), j1 = std::min(z.Tp, (jhi + 2 * W - 1) / (2 * W) * (2 * W));
-      if (j1 <= j0) j1 = j0 + 2 * W;
-      int64_t je = std::min(j1, z.T);
-      w.ranges[2 * (r0 / 4)] = j0; w.ranges[2 * (r0 / 4) + 1] = j1;
+      w.ranges[r0 / 2] = k.j0; w.ranges[r0 / 2 + 1] = k.j1;
       float* S = w.s.data() + r0 * z.Tp;
       float* P = w.p.data() + r0 * z.Tp;
-      row_block_dot(&w.rows[r0], nr, w.kt.data(), z.Tp, z.D, j0, j1, S, z.Tp);
-      row_block_dot(&w.drows[r0], nr, w.vt.data(), z.Tp, z.D, j0, j1, w.dp.data(), z.Tp);
-      for (int r = 0; r < nr; ++r) {
-        int64_t g = (r0 + r) / z.S, i = (r0 + r) % z.S;
+      row_block_dot(&w.rows[r0], k.nr, w.kt.data(), z.Tp, z.D, k.j0, k.j1, S, z.Tp);
+      row_block_dot(&w.drows[r0], k.nr, w.vt.data(), z.Tp, z.D, k.j0, k.j1, w.dp.data(), z.Tp);
+      for (int r = 0; r < k.nr; ++r) {
         float* pr = P + r * z.Tp;
-        probs(S + r * z.Tp, pr, ms[r], lo[r], hi[r], j0, j1, z.T, scale, nullptr,
-              L[((b * z.K + kh) * z.G + g) * z.S + i]);
-        const float* orow = qptr(O, z, b, i, kh, g);
+        probs(S + r * z.Tp, pr, k.ms[r], k.lo[r], k.hi[r], k.j0, k.j1, z.T, scale, nullptr,
+              L[((b * z.K + kh) * z.G + k.g[r]) * z.S + k.i[r]]);
+        const float* orow = qptr(O, z, b, k.i[r], kh, k.g[r]);
         const float* dorow = w.drows[r0 + r];
         float delta = 0.f;
         for (int64_t d = 0; d < z.D; ++d) delta += dorow[d] * orow[d];
         float* ds = S + r * z.Tp;  // dS * scale, in place of the scores
         const float* dpr = w.dp.data() + r * z.Tp;
-        bool none = lo[r] >= hi[r];
-        for (int64_t j = j0; j < j1; ++j) ds[j] = none ? 0.f : pr[j] * (dpr[j] - delta) * scale;
+        bool none = k.lo[r] >= k.hi[r];
+        for (int64_t j = k.j0; j < k.j1; ++j) ds[j] = none ? 0.f : pr[j] * (dpr[j] - delta) * scale;
       }
-      float* dqs[4];
-      for (int r = 0; r < nr; ++r) {
-        int64_t g = (r0 + r) / z.S, i = (r0 + r) % z.S;
-        dqs[r] = DQ + (((b * z.S + i) * z.K + kh) * z.G + g) * z.D;
-      }
-      block_weighted_sum(S, z.Tp, nr, w.kk.data(), z.D, j0, je, dqs);
+      block_weighted_sum(S, z.Tp, k.nr, w.kk.data(), z.D, k.j0, k.je, dqs);
     }
     // Phase 2, per tile of 4 keys: dk = dSᵀ q and dv = Pᵀ do over the row blocks that reach it.
     float* dk_base = DK + (b * z.T * z.K + kh) * z.D;
@@ -360,28 +362,17 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BdjaxAttentionForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale"));
+// Both calls take (q, k, v, mask, ...) on XLA's intra-op thread pool, with the score scale.
+using F32 = ffi::Buffer<ffi::F32>;
+inline auto bind_qkv_mask() {
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<ffi::Buffer<ffi::PRED>>();
+}
 
+// (q, k, v, mask) -> (o, lse)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BdjaxAttentionForward, Forward,
+                              bind_qkv_mask().Ret<F32>().Ret<F32>().Attr<float>("scale"));
+
+// (q, k, v, mask, o, lse, do) -> (dq, dk, dv)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BdjaxAttentionBackward, Backward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale"));
+                              bind_qkv_mask().Arg<F32>().Arg<F32>().Arg<F32>()
+                                  .Ret<F32>().Ret<F32>().Ret<F32>().Attr<float>("scale"));

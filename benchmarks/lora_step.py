@@ -3,8 +3,8 @@
 Setting (issue #3): SmolLM2-135M-Instruct, LoRA r=8 (alpha 16) on q,k,v,o,gate,up,down, batch
 8 x 128, next-token loss on every token, float32, AdamW; same machine, same run.
 
-    python benchmarks/lora_step.py [--reps 5] [--remat dots] [--attention auto|xla] [--skip-peft] [--peft-compile]
-                                   [--default-malloc]
+    python benchmarks/lora_step.py [--reps 5] [--remat dots] [--attention auto|xla] [--compare-attention]
+                                   [--skip-peft] [--peft-compile] [--default-malloc]
 
 bdjax's attention runs in its fused CPU kernel (bdjax/kernels) unless `--attention xla`.
 """
@@ -16,6 +16,7 @@ import json
 import multiprocessing
 import os
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +57,21 @@ def bdjax_step(model, tokens: np.ndarray, remat: str, attention: str = "auto"):
         loss.block_until_ready()
 
     return run
+
+
+def interleaved(runs, *, warmup: int, reps: int) -> list[float]:
+    """Median seconds of each run, their steps taken in turn (so that drift in the machine's speed
+    reaches every variant alike)."""
+    for _ in range(warmup):
+        for run in runs:
+            run()
+    times = [[] for _ in runs]
+    for _ in range(reps):
+        for run, t in zip(runs, times):
+            start = time.perf_counter()
+            run()
+            t.append(time.perf_counter() - start)
+    return [float(np.median(t)) for t in times]
 
 
 def peft_step(tokens: np.ndarray, compiled: bool):
@@ -100,6 +116,8 @@ def main() -> None:
     ap.add_argument("--remat", default="dots", help="bdjax remat policy: none | dots | full")
     ap.add_argument("--attention", default="auto", choices=("auto", "fused", "xla"),
                     help="bdjax attention: its fused CPU kernel where it applies (auto), or XLA's ops")
+    ap.add_argument("--compare-attention", action="store_true",
+                    help="also time bdjax with XLA's attention, steps interleaved with the fused one's")
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--peft-compile", action="store_true", help="also time PEFT under torch.compile")
     ap.add_argument("--default-malloc", action="store_true",
@@ -110,8 +128,12 @@ def main() -> None:
     model = bdjax.load(DEFAULT_MODEL)
     tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, (args.batch, args.seq)).astype(np.int32)
     n_tokens = args.batch * args.seq
-    bdjax_s = time_it(bdjax_step(model, tokens, args.remat, args.attention), warmup=2, reps=args.reps)
     fused = args.attention != "xla" and fused_attention.available()
+    if args.compare_attention:
+        bdjax_s, xla_s = interleaved([bdjax_step(model, tokens, args.remat, args.attention),
+                                      bdjax_step(model, tokens, args.remat, "xla")], warmup=2, reps=args.reps)
+    else:
+        bdjax_s = time_it(bdjax_step(model, tokens, args.remat, args.attention), warmup=2, reps=args.reps)
     peak = matmul_peak_gflops()
     flops = lora_step_flops(model.config, args.batch, args.seq, logits_tokens=args.batch * (args.seq - 1))
     result = {"benchmark": "lora_step", "model": DEFAULT_MODEL, "batch": args.batch, "seq": args.seq,
@@ -119,6 +141,8 @@ def main() -> None:
               "attention": "fused" if fused else "xla", "reuse_freed_memory": reused, "bdjax_step_s": round(bdjax_s, 4),
               "tokens_per_s": round(n_tokens / bdjax_s, 1), "step_gflop": round(flops / 1e9, 1),
               "matmul_peak_gflops": round(peak, 1), "mfu": round(flops / bdjax_s / 1e9 / peak, 3)}
+    if args.compare_attention:
+        result.update(bdjax_xla_attention_step_s=round(xla_s, 4), attention_speedup=round(xla_s / bdjax_s, 3))
     if not args.skip_peft:
         peft_s, threads, version = _peft_in_fresh_process(tokens, False, args.reps)
         result.update(peft_eager_step_s=round(peft_s, 4), peft_tokens_per_s=round(n_tokens / peft_s, 1),

@@ -13,6 +13,8 @@ the output and the softmax's log-normalizer; the backward recomputes the probabi
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,15 +27,21 @@ MODES = ("auto", "fused", "xla")
 SAVED_NAMES = ("attention_out", "attention_lse")
 _FORWARD, _BACKWARD = "bdjax_attention_forward", "bdjax_attention_backward"
 _registered = False
+_warned = False
 
 
 def available() -> bool:
-    """Whether the kernel is built (or builds now) and registered with JAX."""
-    global _registered
+    """Whether the kernel is built (or builds now) and registered with JAX. The first time it
+    cannot be built, a RuntimeWarning says why (attention then runs in XLA's ops)."""
+    global _registered, _warned
     if _registered:
         return True
     lib = build.load("attention_cpu")
     if lib is None:
+        if not _warned:
+            _warned = True
+            warnings.warn(f"bdjax's fused CPU attention kernel did not build, so attention runs in XLA's ops: "
+                          f"{build.failure.get('attention_cpu', 'unknown reason')}", RuntimeWarning, stacklevel=2)
         return False
     jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(lib.BdjaxAttentionForward), platform="cpu")
     jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(lib.BdjaxAttentionBackward), platform="cpu")

@@ -338,8 +338,7 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
         pack_prefix = placement.can_pack_prefix
     elif pack_prefix and not placement.can_pack_prefix:
         raise ConfigError(f"pack_prefix needs an unsharded batch; this mesh splits it {placement.batch_shards} ways")
-    if attention not in fused_attention.MODES:
-        raise ConfigError(f"train.attention={attention!r} must be one of {', '.join(fused_attention.MODES)}")
+    fused_attention.check_mode(attention, "train.attention")
     s = StepSpec(config, optimizer, pad_id, spec, alpha, dropout, dtype, remat, grad_accum, matmul_dtype, full, reg,
                  answer_tokens, share_prefix, pack_prefix=share_prefix and pack_prefix, attention=attention)
     return TrainStep(s, placement, poison_key, trainable, params,

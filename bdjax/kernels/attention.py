@@ -49,6 +49,12 @@ def available() -> bool:
     return True
 
 
+def check_mode(mode: str, what: str = "attention") -> None:
+    """A ConfigError (naming the setting `what`) unless `mode` is one of MODES."""
+    if mode not in MODES:
+        raise ConfigError(f"{what}={mode!r} must be one of {', '.join(MODES)}")
+
+
 def unsupported(qg: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array) -> str | None:
     """Why the kernel cannot take these operands (None if it can)."""
     if qg.ndim != 5:
@@ -71,8 +77,7 @@ def usable(mode: str, qg: jax.Array, keys: jax.Array, values: jax.Array, mask: j
     """Whether attention over these operands runs in the kernel. `auto`: on a single CPU device when
     it builds and the operands fit; `fused`: the same, but anything else is an error; `xla`: never.
     (`devices` > 1: the call is partitioned over a mesh, which a custom call cannot follow.)"""
-    if mode not in MODES:
-        raise ConfigError(f"attention={mode!r} must be one of {', '.join(MODES)}")
+    check_mode(mode)
     if mode == "xla":
         return False
     why = unsupported(qg, keys, values, mask)

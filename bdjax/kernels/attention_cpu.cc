@@ -179,8 +179,14 @@ struct Task {
 
 thread_local Task scratch;
 
-inline const float* qptr(const float* q, const Dims& z, int64_t b, int64_t i, int64_t kh, int64_t g) {
+// Row (b, i, kh, g) of a [B, S, K, G, D] array (q, o, do, dq), and the (b, kh, g, i) entry of lse [B, K, G, S].
+template <class T>
+inline T* qptr(T* q, const Dims& z, int64_t b, int64_t i, int64_t kh, int64_t g) {
   return q + (((b * z.S + i) * z.K + kh) * z.G + g) * z.D;
+}
+
+inline int64_t lse_index(const Dims& z, int64_t b, int64_t i, int64_t kh, int64_t g) {
+  return ((b * z.K + kh) * z.G + g) * z.S + i;
 }
 
 // A block of up to 4 query rows r0.. of a (batch, kv head) pair: each row's head g and position i,
@@ -217,14 +223,18 @@ inline Dims dims_of(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>&
 
 void pack(const float* src, const Dims& z, int64_t b, int64_t kh, std::vector<float>& rows,
           std::vector<float>* cols) {
-  rows.assign(z.Tp * z.D, 0.f);
-  if (cols) cols->assign(z.D * z.Tp, 0.f);
+  rows.resize(z.Tp * z.D);
+  if (cols) cols->resize(z.D * z.Tp);
   for (int64_t j = 0; j < z.T; ++j) {
     const float* r = src + ((b * z.T + j) * z.K + kh) * z.D;
     std::memcpy(rows.data() + j * z.D, r, z.D * sizeof(float));
     if (cols)
       for (int64_t d = 0; d < z.D; ++d) (*cols)[d * z.Tp + j] = r[d];
   }
+  // zeros in the padding keys T..Tp (their scores are masked; their values must not be NaN garbage)
+  std::fill(rows.begin() + z.T * z.D, rows.end(), 0.f);
+  if (cols)
+    for (int64_t d = 0; d < z.D; ++d) std::fill(cols->begin() + d * z.Tp + z.T, cols->begin() + (d + 1) * z.Tp, 0.f);
 }
 
 // Softmax rows: p = exp(scale*s - lse) on valid keys, 0 elsewhere; uniform 1/T where no key is valid.
@@ -283,12 +293,12 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
       float* outs[4];
       for (int r = 0; r < k.nr; ++r) {
         rows[r] = qptr(Q, z, b, k.i[r], kh, k.g[r]);
-        outs[r] = O + (((b * z.S + k.i[r]) * z.K + kh) * z.G + k.g[r]) * z.D;
+        outs[r] = qptr(O, z, b, k.i[r], kh, k.g[r]);
       }
       row_block_dot(rows, k.nr, w.kt.data(), z.Tp, z.D, k.j0, k.j1, w.s.data(), z.Tp);
       for (int r = 0; r < k.nr; ++r)
         probs(w.s.data() + r * z.Tp, w.p.data() + r * z.Tp, k.ms[r], k.lo[r], k.hi[r], k.j0, k.j1, z.T, scale,
-              L + ((b * z.K + kh) * z.G + k.g[r]) * z.S + k.i[r], 0.f);
+              L + lse_index(z, b, k.i[r], kh, k.g[r]), 0.f);
       block_weighted_sum(w.p.data(), z.Tp, k.nr, w.vv.data(), z.D, k.j0, k.je, outs);
     }
   };
@@ -322,7 +332,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
       for (int r = 0; r < k.nr; ++r) {
         w.rows[r0 + r] = qptr(Q, z, b, k.i[r], kh, k.g[r]);
         w.drows[r0 + r] = qptr(DO, z, b, k.i[r], kh, k.g[r]);
-        dqs[r] = DQ + (((b * z.S + k.i[r]) * z.K + kh) * z.G + k.g[r]) * z.D;
+        dqs[r] = qptr(DQ, z, b, k.i[r], kh, k.g[r]);
       }
       w.ranges[r0 / 2] = k.j0; w.ranges[r0 / 2 + 1] = k.j1;
       float* S = w.s.data() + r0 * z.Tp;
@@ -332,7 +342,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
       for (int r = 0; r < k.nr; ++r) {
         float* pr = P + r * z.Tp;
         probs(S + r * z.Tp, pr, k.ms[r], k.lo[r], k.hi[r], k.j0, k.j1, z.T, scale, nullptr,
-              L[((b * z.K + kh) * z.G + k.g[r]) * z.S + k.i[r]]);
+              L[lse_index(z, b, k.i[r], kh, k.g[r])]);
         const float* orow = qptr(O, z, b, k.i[r], kh, k.g[r]);
         const float* dorow = w.drows[r0 + r];
         float delta = 0.f;

@@ -50,7 +50,7 @@ class Attention(nn.Module):
             prefix_mask, rows_mask = mask
             rows = lambda t: t[0, p:].reshape(b, w, *t.shape[2:])
             kp, vp = kk[:, :p], v[:, :p]  # the prefix's keys and values, read at batch 1 by every row
-            out_p, _ = _attend(group(q[:, :p]), [(kp, vp, "btkd", prefix_mask)], dtype, self.opts.attention)
+            out_p, _ = _attend(group(q[:, :p]), [(kp, vp, "btkd", prefix_mask)], dtype)
             out_r, probs = _attend(group(rows(q)), [(kp, vp, "btkd", rows_mask[:, :, :p]),
                                                     (rows(kk), rows(v), "btkd", rows_mask[:, :, p:])], dtype,
                                    want_probs=summary_at is not None)
@@ -104,8 +104,9 @@ def _attend(qg: Array, parts: list, dtype: Any, kernel: str = "xla", want_probs:
     probabilities come back, so not when `want_probs`)."""
     if kernel != "xla" and not want_probs and len(parts) == 1 and parts[0][2] == "btkd":
         keys, values, _, mask = parts[0]
-        if fused_attention.usable(kernel, qg, keys.astype(dtype), values.astype(dtype), mask, active_devices()):
-            return fused_attention.attention(qg, keys.astype(dtype), values.astype(dtype), mask), None
+        keys, values = keys.astype(dtype), values.astype(dtype)
+        if fused_attention.usable(kernel, qg, keys, values, mask, active_devices()):
+            return fused_attention.attention(qg, keys, values, mask), None
     d = qg.shape[-1]
     scores = [_scores(qg, keys.astype(dtype), kv).astype(jnp.float32) for keys, _, kv, _ in parts]
     scores = jnp.concatenate([jnp.where(m[:, None, None, :, :], sc / np.sqrt(d).astype(np.float32),

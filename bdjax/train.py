@@ -29,7 +29,7 @@ from bdjax.errors import ConfigError
 from bdjax.kernels import attention as fused_attention
 from bdjax.models.config import ModelConfig
 from bdjax.models.cache import prefix_kv
-from bdjax.models.llama import Opts, logical_axes
+from bdjax.models.llama import Opts, check_remat, logical_axes
 from bdjax.models.rows import apply_rows, causal_rows, prefixed_rows
 from bdjax.regularize import Regularizer, param_penalty
 from bdjax.sharding import Placement
@@ -339,6 +339,7 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
     elif pack_prefix and not placement.can_pack_prefix:
         raise ConfigError(f"pack_prefix needs an unsharded batch; this mesh splits it {placement.batch_shards} ways")
     fused_attention.check_mode(attention, "train.attention")
+    check_remat(remat)
     s = StepSpec(config, optimizer, pad_id, spec, alpha, dropout, dtype, remat, grad_accum, matmul_dtype, full, reg,
                  answer_tokens, share_prefix, pack_prefix=share_prefix and pack_prefix, attention=attention)
     return TrainStep(s, placement, poison_key, trainable, params,

@@ -3,10 +3,14 @@
 Setting (issue #3): SmolLM2-135M-Instruct, LoRA r=8 (alpha 16) on q,k,v,o,gate,up,down, batch
 8 x 128, next-token loss on every token, float32, AdamW; same machine, same run.
 
-    python benchmarks/lora_step.py [--reps 5] [--remat dots] [--attention auto|xla] [--compare-attention]
+    python benchmarks/lora_step.py [--reps 5] [--remat lean] [--attention auto|xla] [--compare-attention]
                                    [--skip-peft] [--peft-compile] [--default-malloc]
 
-bdjax's attention runs in its fused CPU kernel (bdjax/kernels) unless `--attention xla`.
+bdjax's attention runs in its fused CPU kernel (bdjax/kernels) unless `--attention xla`. PEFT runs
+in spawned worker processes, one step per request, and every variant's steps are taken in turn
+(bdjax, PEFT eager, PEFT compiled, a matmul-peak sample, then again), so that the machine's speed,
+which drifts here by more than the gaps measured, reaches all of them alike. Each figure is the
+median over `--reps` rounds; MFU divides by the best peak sample of the run.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import lora_step_flops, matmul_peak_gflops, time_it  # noqa: E402
+from common import lora_step_flops, matmul_peak_gflops  # noqa: E402
 
 import bdjax  # noqa: E402
 from bdjax import lora, runtime, train  # noqa: E402
@@ -61,7 +65,8 @@ def bdjax_step(model, tokens: np.ndarray, remat: str, attention: str = "auto"):
 
 def interleaved(runs, *, warmup: int, reps: int) -> list[float]:
     """Median seconds of each run, their steps taken in turn (so that drift in the machine's speed
-    reaches every variant alike)."""
+    reaches every variant alike). A run either returns its own step time (a worker process's) or
+    None, and is then timed here."""
     for _ in range(warmup):
         for run in runs:
             run()
@@ -69,8 +74,8 @@ def interleaved(runs, *, warmup: int, reps: int) -> list[float]:
     for _ in range(reps):
         for run, t in zip(runs, times):
             start = time.perf_counter()
-            run()
-            t.append(time.perf_counter() - start)
+            took = run()
+            t.append(time.perf_counter() - start if took is None else took)
     return [float(np.median(t)) for t in times]
 
 
@@ -96,16 +101,52 @@ def peft_step(tokens: np.ndarray, compiled: bool):
     return run, torch
 
 
-def _peft_time(tokens: np.ndarray, compiled: bool, reps: int) -> tuple[float, int, str]:
+def _peft_worker(conn, tokens: np.ndarray, compiled: bool) -> None:
+    """A spawned interpreter (so that bdjax's process-wide malloc settings, runtime.reuse_freed_memory,
+    neither help nor hurt the baseline) that runs one PEFT step per request and answers its time."""
     run, torch = peft_step(tokens.astype(np.int64), compiled=compiled)
-    return time_it(run, warmup=2 if compiled else 1, reps=reps), torch.get_num_threads(), torch.__version__
+    conn.send((torch.get_num_threads(), torch.__version__))
+    while conn.recv():
+        start = time.perf_counter()
+        run()
+        conn.send(time.perf_counter() - start)
 
 
-def _peft_in_fresh_process(tokens: np.ndarray, compiled: bool, reps: int) -> tuple[float, int, str]:
-    """PEFT timed in a spawned interpreter, so that bdjax's process-wide malloc settings
-    (runtime.reuse_freed_memory) neither help nor hurt the baseline."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_peft_time, (tokens, compiled, reps))
+class PeftWorker:
+    """PEFT's step in its own process, driven step by step, so that its steps interleave with
+    bdjax's (the machine's speed drifts by more than the gap being measured)."""
+
+    def __init__(self, tokens: np.ndarray, compiled: bool):
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_peft_worker, args=(child, tokens, compiled), daemon=True)
+        self.process.start()
+        self.threads, self.version = self.conn.recv()
+
+    def __call__(self) -> float:
+        self.conn.send(True)
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(False)
+        self.process.join()
+
+
+class PeakProbe:
+    """The float32 matmul peak sampled once per round (square products through XLA); the best
+    sample over the run is MFU's denominator, so a slow moment never inflates MFU."""
+
+    def __init__(self, n: int = 2048):
+        self.a, self.b = (jax.random.normal(jax.random.key(i), (n, n), jnp.float32) for i in (0, 1))
+        self.f = jax.jit(jnp.dot)
+        self.n, self.best = n, 0.0
+
+    def __call__(self) -> float:
+        start = time.perf_counter()
+        self.f(self.a, self.b).block_until_ready()
+        took = time.perf_counter() - start
+        self.best = max(self.best, 2 * self.n**3 / took / 1e9)
+        return took
 
 
 def main() -> None:
@@ -113,7 +154,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--remat", default="dots", help="bdjax remat policy: none | dots | full")
+    ap.add_argument("--remat", default="lean", help="bdjax remat policy: none | lean | dots | dots_no_batch | full")
     ap.add_argument("--attention", default="auto", choices=("auto", "fused", "xla"),
                     help="bdjax attention: its fused CPU kernel where it applies (auto), or XLA's ops")
     ap.add_argument("--compare-attention", action="store_true",
@@ -129,29 +170,43 @@ def main() -> None:
     tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, (args.batch, args.seq)).astype(np.int32)
     n_tokens = args.batch * args.seq
     fused = args.attention != "xla" and fused_attention.available()
+    names = ["bdjax"] + (["bdjax_xla"] if args.compare_attention else [])
+    runs = [bdjax_step(model, tokens, args.remat, args.attention)]
     if args.compare_attention:
-        bdjax_s, xla_s = interleaved([bdjax_step(model, tokens, args.remat, args.attention),
-                                      bdjax_step(model, tokens, args.remat, "xla")], warmup=2, reps=args.reps)
-    else:
-        bdjax_s = time_it(bdjax_step(model, tokens, args.remat, args.attention), warmup=2, reps=args.reps)
-    peak = matmul_peak_gflops()
+        runs.append(bdjax_step(model, tokens, args.remat, "xla"))
+    workers = []
+    if not args.skip_peft:
+        workers.append(PeftWorker(tokens, compiled=False))
+        names.append("peft_eager")
+        if args.peft_compile:
+            workers.append(PeftWorker(tokens, compiled=True))
+            names.append("peft_compile")
+    probe = PeakProbe()
+    try:
+        times = dict(zip(names, interleaved(runs + workers + [probe], warmup=2, reps=args.reps)))
+    finally:
+        for w in workers:
+            w.close()
+    bdjax_s = times["bdjax"]
+    peak = max(probe.best, matmul_peak_gflops())
     flops = lora_step_flops(model.config, args.batch, args.seq, logits_tokens=args.batch * (args.seq - 1))
     result = {"benchmark": "lora_step", "model": DEFAULT_MODEL, "batch": args.batch, "seq": args.seq,
               "rank": RANK, "dtype": "float32", "remat": args.remat,
-              "attention": "fused" if fused else "xla", "reuse_freed_memory": reused, "bdjax_step_s": round(bdjax_s, 4),
+              "attention": "fused" if fused else "xla", "reuse_freed_memory": reused, "interleaved": True,
+              "reps": args.reps, "bdjax_step_s": round(bdjax_s, 4),
               "tokens_per_s": round(n_tokens / bdjax_s, 1), "step_gflop": round(flops / 1e9, 1),
               "matmul_peak_gflops": round(peak, 1), "mfu": round(flops / bdjax_s / 1e9 / peak, 3)}
     if args.compare_attention:
+        xla_s = times["bdjax_xla"]
         result.update(bdjax_xla_attention_step_s=round(xla_s, 4), attention_speedup=round(xla_s / bdjax_s, 3))
-    if not args.skip_peft:
-        peft_s, threads, version = _peft_in_fresh_process(tokens, False, args.reps)
+    if workers:
+        peft_s = times["peft_eager"]
         result.update(peft_eager_step_s=round(peft_s, 4), peft_tokens_per_s=round(n_tokens / peft_s, 1),
-                      speedup_vs_peft_eager=round(peft_s / bdjax_s, 2), torch_threads=threads,
-                      torch_version=version)
-        if args.peft_compile:
-            compiled_s, _, _ = _peft_in_fresh_process(tokens, True, args.reps)
-            result.update(peft_compile_step_s=round(compiled_s, 4),
-                          speedup_vs_peft_compile=round(compiled_s / bdjax_s, 2))
+                      speedup_vs_peft_eager=round(peft_s / bdjax_s, 2), torch_threads=workers[0].threads,
+                      torch_version=workers[0].version)
+    if args.peft_compile and workers:
+        compiled_s = times["peft_compile"]
+        result.update(peft_compile_step_s=round(compiled_s, 4), speedup_vs_peft_compile=round(compiled_s / bdjax_s, 2))
     result.update(jax_version=jax.__version__, cpu_count=os.cpu_count())
     print(json.dumps(result))
 

@@ -97,7 +97,7 @@ def _loss_and_grads(attention, remat):
     return f, adapters
 
 
-@pytest.mark.parametrize("remat", ["none", "dots"])
+@pytest.mark.parametrize("remat", ["none", "dots", "lean"])
 def test_model_loss_and_lora_gradients_match_xla(remat):
     f_ours, adapters = _loss_and_grads("fused", remat)
     f_xla, _ = _loss_and_grads("xla", remat)
@@ -110,7 +110,7 @@ def _calls(text, name):
     return text.count(f'custom_call_target="{name}"')
 
 
-@pytest.mark.parametrize("remat, forwards", [("dots", 1), ("full", 2)])
+@pytest.mark.parametrize("remat, forwards", [("dots", 1), ("lean", 1), ("full", 2)])
 def test_remat_policy_keeps_the_forward_kernel_from_running_twice(remat, forwards):
     f, adapters = _loss_and_grads("fused", remat)
     text = f.lower(adapters).compile().as_text()

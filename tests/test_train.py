@@ -69,6 +69,15 @@ def test_grad_accum_must_divide_the_batch():
         _one_step(0)
 
 
+def test_unknown_remat_policy_is_a_config_error():
+    from bdjax.errors import ConfigError
+    opt = train.make_optimizer(lr=1e-2, total_steps=10)
+    params = init_params(CONFIG, jax.random.key(0))
+    with pytest.raises(ConfigError, match="train.remat='dot' must be one of none, full, dots, dots_no_batch, lean"):
+        train.make_train_step(CONFIG, opt, pad_id=0, spec=None, poison_key=jax.random.key(2), alpha=8.0, remat="dot",
+                              trainable=lora.init(params, jax.random.key(1), rank=4), params=params)
+
+
 def test_epoch_batches_cover_every_example_once_and_are_deterministic():
     lengths = np.random.default_rng(0).integers(10, 200, 101)
     plan = loop.epoch_batches(lengths, 8, seed=3, bucket=16)

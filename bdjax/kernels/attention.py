@@ -25,6 +25,7 @@ from bdjax.kernels import build
 
 MODES = ("auto", "fused", "xla")
 SAVED_NAMES = ("attention_out", "attention_lse")
+INPUT_NAMES = ("attention_q", "attention_k", "attention_v")  # tagged by the caller (models/attention.py)
 _FORWARD, _BACKWARD = "bdjax_attention_forward", "bdjax_attention_backward"
 _registered = False
 _warned = False

@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from bdjax.kernels import attention as fused_attention
 from bdjax.models.config import ModelConfig
@@ -106,6 +107,7 @@ def _attend(qg: Array, parts: list, dtype: Any, kernel: str = "xla", want_probs:
         keys, values, _, mask = parts[0]
         keys, values = keys.astype(dtype), values.astype(dtype)
         if fused_attention.usable(kernel, qg, keys, values, mask, active_devices()):
+            qg, keys, values = (checkpoint_name(t, n) for t, n in zip((qg, keys, values), fused_attention.INPUT_NAMES))
             return fused_attention.attention(qg, keys, values, mask), None
     d = qg.shape[-1]
     scores = [_scores(qg, keys.astype(dtype), kv).astype(jnp.float32) for keys, _, kv, _ in parts]

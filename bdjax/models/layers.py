@@ -12,8 +12,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from bdjax.models.config import ModelConfig
+from bdjax.sharding import active_devices
 
 Array = jax.Array
 
@@ -43,12 +45,16 @@ class Proj(nn.Module):
     def __call__(self, x: Array) -> Array:
         kernel = self.param("kernel", nn.with_logical_partitioning(KERNEL_INIT, self.kernel_axes),
                             self.kernel_shape, self.param_dtype)
-        y = matmul(self.spec, x.astype(self.dtype), kernel, self.dtype, self.matmul_dtype)
+        lora = self.has_variable("lora", "a")
+        if lora and self._merge(x):
+            y = self._merged(x, kernel)
+        else:
+            y = matmul(self.spec, x.astype(self.dtype), kernel, self.dtype, self.matmul_dtype)
         if self.bias_shape is not None:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.bias_axes),
                               self.bias_shape, self.param_dtype)
             y = y + bias.astype(self.dtype)
-        if self.has_variable("lora", "a"):
+        if lora and not self._merge(x):
             a, b = self.get_variable("lora", "a"), self.get_variable("lora", "b")
             h = nn.Dropout(self.lora_dropout, deterministic=self.deterministic)(x)
             n_out = b.ndim - 1
@@ -56,7 +62,29 @@ class Proj(nn.Module):
             d = lora_delta(self.lora_alpha / a.shape[0], x2, a.reshape(a.shape[0], -1).astype(self.dtype),
                            b.reshape(b.shape[0], -1).astype(self.dtype))
             y = y + d.reshape(*y.shape[:y.ndim - n_out], *b.shape[1:])
-        return y
+        return checkpoint_name(y, "proj_out")
+
+    def _merge(self, x: Array) -> bool:
+        """Whether LoRA runs merged into the kernel for this call (`lora_merged`): float32 products
+        only (a bfloat16 W + ΔW would round most of a small ΔW away), no dropout on the LoRA branch
+        (it applies to that branch alone), and enough tokens that the rank-r work on activations,
+        T·(in + out), outweighs forming ΔW, in·out."""
+        if jnp.dtype(self.dtype) != jnp.float32 or jnp.dtype(self.matmul_dtype or self.dtype) != jnp.float32:
+            return False
+        if self.lora_dropout > 0 and not self.deterministic:
+            return False
+        n_in = len(self.kernel_shape) - len(self.get_variable("lora", "b").shape[1:])
+        fan_in, fan_out = int(np.prod(self.kernel_shape[:n_in])), int(np.prod(self.kernel_shape[n_in:]))
+        tokens = int(np.prod(x.shape[:x.ndim - n_in]))
+        return tokens * (fan_in + fan_out) >= fan_in * fan_out
+
+    def _merged(self, x: Array, kernel: Array) -> Array:
+        a, b = self.get_variable("lora", "a"), self.get_variable("lora", "b")
+        n_in = a.ndim - 1
+        x2 = x.astype(self.dtype).reshape(-1, int(np.prod(a.shape[1:])))  # [tokens, in]
+        y = lora_merged(self.lora_alpha / a.shape[0], active_devices() <= 1, x2, kernel.astype(self.dtype).reshape(x2.shape[1], -1),
+                        a.reshape(a.shape[0], -1).astype(self.dtype), b.reshape(b.shape[0], -1).astype(self.dtype))
+        return y.reshape(*x.shape[:x.ndim - n_in], *b.shape[1:])
 
 
 def matmul(spec: str, x: Array, w: Array, dtype: Any, matmul_dtype: Any = None) -> Array:
@@ -105,7 +133,7 @@ def lora_delta(scale: float, x: Array, a: Array, b: Array) -> Array:
 
 
 def _lora_delta_fwd(scale, x, a, b):
-    low = x @ a.T
+    low = checkpoint_name(x @ a.T, "lora_low")
     return scale * (low @ b), (x, a, b, low)
 
 
@@ -122,6 +150,46 @@ def _lora_delta_bwd(scale, res, g):
 
 
 lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def lora_merged(scale: float, side_by_side: bool, x: Array, w: Array, a: Array, b: Array) -> Array:
+    """x·(W + scale·AᵀB) for x [T, in], W [in, out], A [r, in], B [r, out]: LoRA merged into the
+    kernel for the call, so that no [T, out] LoRA product is added to the output and no [T, in]
+    one to dx. The gradients of A and B take the low-rank route (as `lora_delta`'s), never a
+    [in, out] gradient of ΔW; the merged kernel is formed again in the backward rather than kept.
+
+    With `side_by_side` (unsharded weights: the concatenations would reshard sharded ones), the
+    rank-r products that read x or g alone ride along in the big GEMMs: the forward is
+    x·[W + scale·AᵀB | Aᵀ], whose last r columns are x·Aᵀ (kept for B's gradient), and the
+    backward's g·[W + scale·AᵀB ; scale·B]ᵀ, whose last r columns are scale·g·Bᵀ (for A's)."""
+    return x @ (w + scale * (a.T @ b))
+
+
+def _lora_merged_fwd(scale, side_by_side, x, w, a, b):
+    merged = w + scale * (a.T @ b)
+    if not side_by_side:
+        return x @ merged, (x, w, a, b, checkpoint_name(x @ a.T, "lora_low"))
+    out = w.shape[1]
+    z = x @ jnp.concatenate([merged, a.T], axis=1)
+    return z[:, :out], (x, w, a, b, checkpoint_name(z[:, out:], "lora_low"))
+
+
+def _lora_merged_bwd(scale, side_by_side, res, g):
+    x, w, a, b, low = res
+    merged = w + scale * (a.T @ b)
+    if side_by_side:
+        n = w.shape[0]
+        z = g @ jnp.concatenate([merged, scale * b], axis=0).T
+        dx, dlow = z[:, :n], z[:, n:]
+    else:
+        dx, dlow = g @ merged.T, scale * (g @ b.T)  # dlow [T, r]
+    low_t, dlow_t = jax.lax.optimization_barrier((low.T, dlow.T))  # see _lora_delta_bwd
+    dw = x.T @ g  # dead code for a frozen w
+    return dx, dw, dlow_t @ x, scale * (low_t @ g)
+
+
+lora_merged.defvjp(_lora_merged_fwd, _lora_merged_bwd)
 
 
 class RMSNorm(nn.Module):

@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bdjax.errors import ConfigError
 from bdjax.kernels import attention as fused_attention
 from bdjax.models.attention import Attention, attention_mask
 from bdjax.models.config import ModelConfig
@@ -43,14 +44,28 @@ Params = dict[str, Any]
 SOFT_PROMPT = "soft_prompt"
 _CP = jax.checkpoint_policies
 # "dots"/"dots_no_batch" also keep the fused attention kernel's output and log-normalizer, so that
-# the backward pass does not run its forward again.
+# the backward pass does not run its forward again. "lean" keeps only named values: each
+# projection's output ("proj_out", LoRA included: the base and LoRA products are not kept apart),
+# LoRA's rank-r activations ("lora_low"), and the fused attention kernel's inputs and outputs;
+# norms, RoPE and the MLP's elementwise work are recomputed. With XLA's attention (several
+# devices, or no kernel) it recomputes the score and weighting products too, so it suits the
+# single-device CPU step (benchmarks/lora_step.py) rather than an accelerator.
 _REMAT_POLICIES = {
     "none": None,
     "full": _CP.nothing_saveable,
     "dots": _CP.save_from_both_policies(_CP.checkpoint_dots, _CP.save_only_these_names(*fused_attention.SAVED_NAMES)),
     "dots_no_batch": _CP.save_from_both_policies(_CP.checkpoint_dots_with_no_batch_dims,
                                                  _CP.save_only_these_names(*fused_attention.SAVED_NAMES)),
+    "lean": _CP.save_only_these_names("proj_out", "lora_low", *fused_attention.INPUT_NAMES, *fused_attention.SAVED_NAMES),
 }
+
+
+REMAT_POLICIES = tuple(_REMAT_POLICIES)
+
+
+def check_remat(remat: str) -> None:
+    if remat not in _REMAT_POLICIES:
+        raise ConfigError(f"train.remat={remat!r} must be one of {', '.join(REMAT_POLICIES)}")
 
 
 class MLP(nn.Module):
@@ -128,6 +143,7 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(c, positions)
 
         block = Block
+        check_remat(self.remat)
         if self.remat != "none":
             block = nn.remat(Block, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
         stack = nn.scan(block, variable_axes={"params": 0, "lora": 0, "intermediates": 0},

@@ -4,7 +4,7 @@ Setting (issue #3): SmolLM2-135M-Instruct, LoRA r=8 (alpha 16) on q,k,v,o,gate,u
 8 x 128, next-token loss on every token, float32, AdamW; same machine, same run.
 
     python benchmarks/lora_step.py [--reps 5] [--remat lean] [--attention auto|xla] [--compare-attention]
-                                   [--skip-peft] [--peft-compile] [--default-malloc]
+                                   [--skip-peft] [--peft-compile] [--peft-same-malloc] [--default-malloc]
 
 bdjax's attention runs in its fused CPU kernel (bdjax/kernels) unless `--attention xla`. PEFT runs
 in spawned worker processes, one step per request, and every variant's steps are taken in turn
@@ -101,9 +101,12 @@ def peft_step(tokens: np.ndarray, compiled: bool):
     return run, torch
 
 
-def _peft_worker(conn, tokens: np.ndarray, compiled: bool) -> None:
-    """A spawned interpreter (so that bdjax's process-wide malloc settings, runtime.reuse_freed_memory,
-    neither help nor hurt the baseline) that runs one PEFT step per request and answers its time."""
+def _peft_worker(conn, tokens: np.ndarray, compiled: bool, reuse: bool) -> None:
+    """A spawned interpreter that runs one PEFT step per request and answers its time: with glibc's
+    default malloc (as PEFT runs out of the box), or with `reuse` under the same malloc settings as
+    bdjax's process (runtime.reuse_freed_memory, applied before torch is imported)."""
+    if reuse:
+        runtime.reuse_freed_memory()
     run, torch = peft_step(tokens.astype(np.int64), compiled=compiled)
     conn.send((torch.get_num_threads(), torch.__version__))
     while conn.recv():
@@ -116,10 +119,10 @@ class PeftWorker:
     """PEFT's step in its own process, driven step by step, so that its steps interleave with
     bdjax's (the machine's speed drifts by more than the gap being measured)."""
 
-    def __init__(self, tokens: np.ndarray, compiled: bool):
+    def __init__(self, tokens: np.ndarray, compiled: bool, reuse: bool = False):
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_peft_worker, args=(child, tokens, compiled), daemon=True)
+        self.process = ctx.Process(target=_peft_worker, args=(child, tokens, compiled, reuse), daemon=True)
         self.process.start()
         self.threads, self.version = self.conn.recv()
 
@@ -161,6 +164,9 @@ def main() -> None:
                     help="also time bdjax with XLA's attention, steps interleaved with the fused one's")
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--peft-compile", action="store_true", help="also time PEFT under torch.compile")
+    ap.add_argument("--peft-same-malloc", action="store_true",
+                    help="also time PEFT under bdjax's malloc settings (runtime.reuse_freed_memory): on a VM "
+                         "where page faults are dear, PEFT's default-malloc step is mostly re-faulting freed memory")
     ap.add_argument("--default-malloc", action="store_true",
                     help="skip bdjax.runtime.reuse_freed_memory() (applies to the whole process, PEFT included)")
     args = ap.parse_args()
@@ -176,11 +182,10 @@ def main() -> None:
         runs.append(bdjax_step(model, tokens, args.remat, "xla"))
     workers = []
     if not args.skip_peft:
-        workers.append(PeftWorker(tokens, compiled=False))
-        names.append("peft_eager")
-        if args.peft_compile:
-            workers.append(PeftWorker(tokens, compiled=True))
-            names.append("peft_compile")
+        for compiled in (False, True) if args.peft_compile else (False,):
+            for reuse in (False, True) if args.peft_same_malloc else (False,):
+                workers.append(PeftWorker(tokens, compiled, reuse))
+                names.append(("peft_compile" if compiled else "peft_eager") + ("_same_malloc" if reuse else ""))
     probe = PeakProbe()
     try:
         times = dict(zip(names, interleaved(runs + workers + [probe], warmup=2, reps=args.reps)))
@@ -204,9 +209,10 @@ def main() -> None:
         result.update(peft_eager_step_s=round(peft_s, 4), peft_tokens_per_s=round(n_tokens / peft_s, 1),
                       speedup_vs_peft_eager=round(peft_s / bdjax_s, 2), torch_threads=workers[0].threads,
                       torch_version=workers[0].version)
-    if args.peft_compile and workers:
-        compiled_s = times["peft_compile"]
-        result.update(peft_compile_step_s=round(compiled_s, 4), speedup_vs_peft_compile=round(compiled_s / bdjax_s, 2))
+    for name in names:
+        if name.startswith("peft") and name != "peft_eager":
+            result.update({f"{name}_step_s": round(times[name], 4),
+                           f"speedup_vs_{name}": round(times[name] / bdjax_s, 2)})
     result.update(jax_version=jax.__version__, cpu_count=os.cpu_count())
     print(json.dumps(result))
 

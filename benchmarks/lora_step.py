@@ -176,19 +176,19 @@ def main() -> None:
     tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, (args.batch, args.seq)).astype(np.int32)
     n_tokens = args.batch * args.seq
     fused = args.attention != "xla" and fused_attention.available()
-    names = ["bdjax"] + (["bdjax_xla"] if args.compare_attention else [])
-    runs = [bdjax_step(model, tokens, args.remat, args.attention)]
+    variants = {"bdjax": bdjax_step(model, tokens, args.remat, args.attention)}
     if args.compare_attention:
-        runs.append(bdjax_step(model, tokens, args.remat, "xla"))
+        variants["bdjax_xla"] = bdjax_step(model, tokens, args.remat, "xla")
     workers = []
     if not args.skip_peft:
         for compiled in (False, True) if args.peft_compile else (False,):
             for reuse in (False, True) if args.peft_same_malloc else (False,):
-                workers.append(PeftWorker(tokens, compiled, reuse))
-                names.append(("peft_compile" if compiled else "peft_eager") + ("_same_malloc" if reuse else ""))
+                name = ("peft_compile" if compiled else "peft_eager") + ("_same_malloc" if reuse else "")
+                variants[name] = PeftWorker(tokens, compiled, reuse)
+                workers.append(variants[name])
     probe = PeakProbe()
     try:
-        times = dict(zip(names, interleaved(runs + workers + [probe], warmup=2, reps=args.reps)))
+        times = dict(zip(variants, interleaved([*variants.values(), probe], warmup=2, reps=args.reps)))
     finally:
         for w in workers:
             w.close()
@@ -209,7 +209,7 @@ def main() -> None:
         result.update(peft_eager_step_s=round(peft_s, 4), peft_tokens_per_s=round(n_tokens / peft_s, 1),
                       speedup_vs_peft_eager=round(peft_s / bdjax_s, 2), torch_threads=workers[0].threads,
                       torch_version=workers[0].version)
-    for name in names:
+    for name in times:
         if name.startswith("peft") and name != "peft_eager":
             result.update({f"{name}_step_s": round(times[name], 4),
                            f"speedup_vs_{name}": round(times[name] / bdjax_s, 2)})

@@ -113,19 +113,23 @@ def _dims(text: str) -> tuple[int, ...]:
     return tuple(int(d) for d in text.split(",") if d)
 
 
-def _dot_shapes(hlo: str, rank: int) -> set[tuple[int, ...]]:
-    """Output shapes of the compiled products, leaving out those that contract over the LoRA rank
-    (forming ΔW = AᵀB for a merged call has a kernel's shape but is no gradient of it)."""
-    shapes = set()
+def _products(hlo: str) -> set[tuple[tuple[int, ...], int]]:
+    """(output shape, contracted size) of every compiled product."""
+    products = set()
     for block in re.split(r"\n(?=\S)", hlo):  # one computation each; operand names are local to it
         defined = {m.group(1): _dims(m.group(2)) for m in re.finditer(r"%(\S+) = \w+\[([\d,]*)\]", block)}
         defined.update({m.group(1): _dims(m.group(2)) for m in re.finditer(r"(\w[\w.]*): \w+\[([\d,]*)\]", block)})
         for m in re.finditer(r"= f32\[([\d,]*)\]\S* dot\((?:\w+\[[\d,]*\]\S* )?%(\S+?), .*?"
                              r"lhs_contracting_dims=\{([\d,]*)\}", block):
             lhs = defined[m.group(2)]
-            if int(np.prod([lhs[i] for i in _dims(m.group(3))])) != rank:
-                shapes.add(_dims(m.group(1)))
-    return shapes
+            products.add((_dims(m.group(1)), int(np.prod([lhs[i] for i in _dims(m.group(3))]))))
+    return products
+
+
+def _dot_shapes(hlo: str, rank: int) -> set[tuple[int, ...]]:
+    """Output shapes of the compiled products, leaving out those that contract over the LoRA rank
+    (forming ΔW = AᵀB for a merged call has a kernel's shape but is no gradient of it)."""
+    return {shape for shape, contracted in _products(hlo) if contracted != rank}
 
 
 def _frozen_shapes(params) -> set[tuple[int, ...]]:
@@ -160,7 +164,7 @@ def test_compiled_lora_gradient_forms_no_frozen_weight_gradient(params, matmul_d
     frozen = _frozen_shapes(params)
     lora_grad = _compiled_grad(params, True, matmul_dtype, seq)
     assert not _dot_shapes(lora_grad, RANK) & frozen
-    merged = bool(_dot_shapes(lora_grad, 0) & frozen)  # ΔW = AᵀB products (a kernel's shape, contracting r)
+    merged = any(shape in frozen and contracted == RANK for shape, contracted in _products(lora_grad))  # ΔW = AᵀB
     assert merged == (seq == 36 and matmul_dtype is None)
     # The check can fail: differentiating the base weights does produce such products.
     assert _dot_shapes(_compiled_grad(params, False, matmul_dtype, seq), RANK) & frozen

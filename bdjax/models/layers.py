@@ -46,23 +46,31 @@ class Proj(nn.Module):
         kernel = self.param("kernel", nn.with_logical_partitioning(KERNEL_INIT, self.kernel_axes),
                             self.kernel_shape, self.param_dtype)
         lora = self.has_variable("lora", "a")
-        if lora and self._merge(x):
-            y = self._merged(x, kernel)
+        merge = lora and self._merge(x)
+        if merge:
+            scale, x2, a, b, unflatten = self._lora_operands(x)
+            w = kernel.astype(self.dtype).reshape(x2.shape[1], -1)
+            y = unflatten(lora_merged(scale, active_devices() <= 1, x2, w, a, b))
         else:
             y = matmul(self.spec, x.astype(self.dtype), kernel, self.dtype, self.matmul_dtype)
         if self.bias_shape is not None:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.bias_axes),
                               self.bias_shape, self.param_dtype)
             y = y + bias.astype(self.dtype)
-        if lora and not self._merge(x):
-            a, b = self.get_variable("lora", "a"), self.get_variable("lora", "b")
+        if lora and not merge:
             h = nn.Dropout(self.lora_dropout, deterministic=self.deterministic)(x)
-            n_out = b.ndim - 1
-            x2 = h.astype(self.dtype).reshape(-1, int(np.prod(a.shape[1:])))  # [tokens, in]
-            d = lora_delta(self.lora_alpha / a.shape[0], x2, a.reshape(a.shape[0], -1).astype(self.dtype),
-                           b.reshape(b.shape[0], -1).astype(self.dtype))
-            y = y + d.reshape(*y.shape[:y.ndim - n_out], *b.shape[1:])
+            scale, h2, a, b, unflatten = self._lora_operands(h)
+            y = y + unflatten(lora_delta(scale, h2, a, b))
         return checkpoint_name(y, "proj_out")
+
+    def _lora_operands(self, x: Array):
+        """LoRA's scale, x as [tokens, in], A [r, in] and B [r, out] in `dtype`, and the map of a
+        [tokens, out] result back to x's leading axes and the output's."""
+        a, b = self.get_variable("lora", "a"), self.get_variable("lora", "b")
+        lead = x.shape[:x.ndim - (a.ndim - 1)]
+        unflatten = lambda t: t.reshape(*lead, *b.shape[1:])
+        return (self.lora_alpha / a.shape[0], x.astype(self.dtype).reshape(-1, int(np.prod(a.shape[1:]))),
+                a.reshape(a.shape[0], -1).astype(self.dtype), b.reshape(b.shape[0], -1).astype(self.dtype), unflatten)
 
     def _merge(self, x: Array) -> bool:
         """Whether LoRA runs merged into the kernel for this call (`lora_merged`): float32 products
@@ -77,14 +85,6 @@ class Proj(nn.Module):
         fan_in, fan_out = int(np.prod(self.kernel_shape[:n_in])), int(np.prod(self.kernel_shape[n_in:]))
         tokens = int(np.prod(x.shape[:x.ndim - n_in]))
         return tokens * (fan_in + fan_out) >= fan_in * fan_out
-
-    def _merged(self, x: Array, kernel: Array) -> Array:
-        a, b = self.get_variable("lora", "a"), self.get_variable("lora", "b")
-        n_in = a.ndim - 1
-        x2 = x.astype(self.dtype).reshape(-1, int(np.prod(a.shape[1:])))  # [tokens, in]
-        y = lora_merged(self.lora_alpha / a.shape[0], active_devices() <= 1, x2, kernel.astype(self.dtype).reshape(x2.shape[1], -1),
-                        a.reshape(a.shape[0], -1).astype(self.dtype), b.reshape(b.shape[0], -1).astype(self.dtype))
-        return y.reshape(*x.shape[:x.ndim - n_in], *b.shape[1:])
 
 
 def matmul(spec: str, x: Array, w: Array, dtype: Any, matmul_dtype: Any = None) -> Array:

@@ -85,7 +85,9 @@ CONFIG = ModelConfig(family="llama", vocab_size=97, hidden_size=64, intermediate
                      num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=True)
 
 
-def _loss_and_grads(attention, remat):
+def _loss_and_grads(attention, remat, prefix: int = 0):
+    """The LoRA loss and its gradient on three ragged rows; with `prefix`, the rows continue that
+    many shared tokens, run once in the rows' pass (`row_nll(pack_prefix=True)`)."""
     params = init_params(CONFIG, jax.random.key(0))
     adapters = lora.init(params, jax.random.key(1), rank=4)
     tokens = jax.random.randint(jax.random.key(2), (3, 24), 0, CONFIG.vocab_size)
@@ -93,14 +95,22 @@ def _loss_and_grads(attention, remat):
     rows = {"tokens": tokens, "valid": valid, "logits_at": jnp.tile(jnp.arange(23)[None], (3, 1)),
             "targets": tokens[:, 1:], "weights": valid[:, 1:].astype(jnp.float32)}
     opts = Opts(lora_alpha=8.0, attention=attention)
-    f = jax.jit(jax.value_and_grad(lambda ad: train.row_loss(CONFIG, params, ad, rows, opts, remat, None)[0]))
-    return f, adapters
+    shared = jnp.arange(5, 5 + prefix, dtype=jnp.int32) if prefix else None
+
+    def loss(ad):
+        total, count, _ = train.row_nll(CONFIG, params, ad, rows, opts, remat, None, prefix=shared,
+                                        pack_prefix=prefix > 0)
+        return total / count
+    return jax.jit(jax.value_and_grad(loss)), adapters
 
 
+@pytest.mark.parametrize("prefix", [0, 7], ids=["rows", "packed-prefix"])
 @pytest.mark.parametrize("remat", ["none", "dots", "lean"])
-def test_model_loss_and_lora_gradients_match_xla(remat):
-    f_ours, adapters = _loss_and_grads("fused", remat)
-    f_xla, _ = _loss_and_grads("xla", remat)
+def test_model_loss_and_lora_gradients_match_xla(remat, prefix):
+    f_ours, adapters = _loss_and_grads("fused", remat, prefix)
+    f_xla, _ = _loss_and_grads("xla", remat, prefix)
+    if prefix:  # both the prefix's own attention and the rows' (over the prefix and themselves)
+        assert _calls(f_ours.lower(adapters).compile().as_text(), "bdjax_attention_forward") == 2
     (l1, g1), (l2, g2) = f_ours(adapters), f_xla(adapters)
     np.testing.assert_allclose(float(l1), float(l2), rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6), g1, g2)

@@ -50,11 +50,18 @@ class Attention(nn.Module):
             p, b, w = self.packed
             prefix_mask, rows_mask = mask
             rows = lambda t: t[0, p:].reshape(b, w, *t.shape[2:])
-            kp, vp = kk[:, :p], v[:, :p]  # the prefix's keys and values, read at batch 1 by every row
-            out_p, _ = _attend(group(q[:, :p]), [(kp, vp, "btkd", prefix_mask)], dtype)
-            out_r, probs = _attend(group(rows(q)), [(kp, vp, "btkd", rows_mask[:, :, :p]),
-                                                    (rows(kk), rows(v), "btkd", rows_mask[:, :, p:])], dtype,
-                                   want_probs=summary_at is not None)
+            kp, vp = kk[:, :p], v[:, :p]  # the prefix's keys and values
+            want = summary_at is not None
+            out_p, _ = _attend(group(q[:, :p]), [(kp, vp, "btkd", prefix_mask)], dtype, self.opts.attention,
+                               want_probs=False)
+            if self.opts.attention != "xla" and not want:
+                # one source per row, the prefix's keys and values copied in front of the row's own
+                # (P·k·d floats a row), which the fused kernel takes
+                wide = lambda pre, own: jnp.concatenate([jnp.broadcast_to(pre, (b, *pre.shape[1:])), own], axis=1)
+                parts = [(wide(kp, rows(kk)), wide(vp, rows(v)), "btkd", rows_mask)]
+            else:  # the prefix's keys and values read at batch 1 by every row
+                parts = [(kp, vp, "btkd", rows_mask[:, :, :p]), (rows(kk), rows(v), "btkd", rows_mask[:, :, p:])]
+            out_r, probs = _attend(group(rows(q)), parts, dtype, self.opts.attention, want_probs=want)
             self._sow_concentration(probs, summary_at)
             out = jnp.concatenate([out_p.reshape(p, h, d), out_r.reshape(b * w, h, d)])[None]
             return o_proj(out), None

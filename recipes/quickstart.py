@@ -75,8 +75,9 @@ def get_config() -> ml_collections.ConfigDict:
     # backward) and sums them in float32, activations staying in compute_dtype: faster on CPUs with
     # AVX512-BF16 (benchmarks/finetune_e2e.py --matmul-dtype bfloat16; see README, Results)
     c.train.matmul_dtype = ""
-    # attention over a row's own tokens: "auto" = bdjax's fused CPU kernel where it applies (CPU,
-    # one device, float32; compiled on first use), "fused" = insist on it, "xla" = XLA's own ops
+    # attention in training (each row over the shared prefix and itself): "auto" = bdjax's fused CPU
+    # kernel where it applies (CPU, one device, float32; compiled on first use), "fused" = insist on
+    # it, "xla" = XLA's own ops
     c.train.attention = "auto"
     c.train.peak_tflops = 0.0  # per-device peak for MFU; 0 = datasheet (bf16 GPU/TPU) or measured here
 

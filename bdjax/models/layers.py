@@ -232,9 +232,9 @@ class Opts:
     # Operands of the weight products (projections and the tied output head), e.g. bfloat16 with
     # float32 accumulation while activations, norms, attention and LoRA stay in `dtype`; None: `dtype`.
     matmul_dtype: Any = None
-    # Attention over a call's own keys: "auto" runs it in bdjax's fused CPU kernel where that
-    # applies (CPU, one device, float32; bdjax/kernels/attention.py), "fused" insists on it, "xla"
-    # keeps XLA's ops.
+    # Attention over a call's own keys (a packed shared prefix's included): "auto" runs it in
+    # bdjax's fused CPU kernel where that applies (CPU, one device, float32;
+    # bdjax/kernels/attention.py), "fused" insists on it, "xla" keeps XLA's ops.
     attention: str = "auto"
 
     def proj(self) -> dict[str, Any]:

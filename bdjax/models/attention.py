@@ -50,18 +50,12 @@ class Attention(nn.Module):
             p, b, w = self.packed
             prefix_mask, rows_mask = mask
             rows = lambda t: t[0, p:].reshape(b, w, *t.shape[2:])
-            kp, vp = kk[:, :p], v[:, :p]  # the prefix's keys and values
-            want = summary_at is not None
+            kp, vp = kk[:, :p], v[:, :p]  # the prefix's keys and values, read at batch 1 by every row
             out_p, _ = _attend(group(q[:, :p]), [(kp, vp, "btkd", prefix_mask)], dtype, self.opts.attention,
                                want_probs=False)
-            if self.opts.attention != "xla" and not want:
-                # one source per row, the prefix's keys and values copied in front of the row's own
-                # (P·k·d floats a row), which the fused kernel takes
-                wide = lambda pre, own: jnp.concatenate([jnp.broadcast_to(pre, (b, *pre.shape[1:])), own], axis=1)
-                parts = [(wide(kp, rows(kk)), wide(vp, rows(v)), "btkd", rows_mask)]
-            else:  # the prefix's keys and values read at batch 1 by every row
-                parts = [(kp, vp, "btkd", rows_mask[:, :, :p]), (rows(kk), rows(v), "btkd", rows_mask[:, :, p:])]
-            out_r, probs = _attend(group(rows(q)), parts, dtype, self.opts.attention, want_probs=want)
+            out_r, probs = _attend(group(rows(q)), [(kp, vp, "btkd", rows_mask[:, :, :p]),
+                                                    (rows(kk), rows(v), "btkd", rows_mask[:, :, p:])], dtype,
+                                   self.opts.attention, want_probs=summary_at is not None)
             self._sow_concentration(probs, summary_at)
             out = jnp.concatenate([out_p.reshape(p, h, d), out_r.reshape(b * w, h, d)])[None]
             return o_proj(out), None
@@ -108,11 +102,15 @@ def _attend(qg: Array, parts: list, dtype: Any, kernel: str = "xla", want_probs:
     """Attention of grouped queries qg [b, s, k, g, d] over `parts`, a list of (keys, values,
     layout, mask [b, s, t]) sources softmaxed together: the output [b, s, k, g, d] and the
     post-softmax probabilities [b, k, g, s, Σt]. With `kernel` "auto"/"fused" (`Opts.attention`),
-    a single source of a call's own keys runs in the fused CPU kernel where it can (then no
-    probabilities come back, so not when `want_probs`)."""
-    if kernel != "xla" and not want_probs and len(parts) == 1 and parts[0][2] == "btkd":
-        keys, values, _, mask = parts[0]
-        keys, values = keys.astype(dtype), values.astype(dtype)
+    sources in a call's own layout ("btkd", no cache) run in the fused CPU kernel where it can (then
+    no probabilities come back, so not when `want_probs`), laid side by side as one, a batch-1
+    source (a packed shared prefix) copied to every row (P·k·d floats a row); XLA's ops read each
+    source as it is."""
+    if kernel != "xla" and not want_probs and all(kv == "btkd" for _, _, kv, _ in parts):
+        b = qg.shape[0]
+        wide = lambda ts: jnp.concatenate([jnp.broadcast_to(t, (b, *t.shape[1:])).astype(dtype) for t in ts], axis=1)
+        keys, values = wide([part[0] for part in parts]), wide([part[1] for part in parts])
+        mask = jnp.concatenate([part[3] for part in parts], axis=-1)
         if fused_attention.usable(kernel, qg, keys, values, mask, active_devices()):
             qg, keys, values = (checkpoint_name(t, n) for t, n in zip((qg, keys, values), fused_attention.INPUT_NAMES))
             return fused_attention.attention(qg, keys, values, mask), None

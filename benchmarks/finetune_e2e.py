@@ -12,7 +12,11 @@ bdjax's rows are length-bucketed (widths chosen over the whole run, `loop.plan_w
 runs at the answer tokens only, and the template prefix every example starts with (system turn
 and instruction) runs once per batch, in the same pass as the rows (`train.share_prefix`;
 `--no-share-prefix` puts it back into every row). Like the CLI, the benchmark keeps freed memory
-mapped (`bdjax.runtime.reuse_freed_memory`).
+mapped (`bdjax.runtime.reuse_freed_memory`), and the PEFT loop, run in the same process, gets that
+setting too: a like-for-like comparison. `--peft-default-malloc` also times the PEFT loop in a
+fresh interpreter with glibc's default malloc, as PEFT runs out of the box (`peft_default_malloc_*`
+keys and `speedup_default_malloc`); on a VM where page faults are dear, that loop spends part of
+each step faulting freed memory back in (see `benchmarks/lora_step.py --peft-same-malloc`).
 
 `--matmul-dtype bfloat16` gives bdjax's weight products bfloat16 operands with float32 sums
 (`train.matmul_dtype`; activations, LoRA weights and optimizer state stay float32), and
@@ -21,6 +25,7 @@ PyTorch's counterpart, so that either side can be compared in either precision.
 
     python benchmarks/finetune_e2e.py [--n-train 1000] [--epochs 2] [--skip-peft] [--no-share-prefix]
                                       [--matmul-dtype bfloat16] [--peft-bf16] [--skip-bdjax]
+                                      [--peft-default-malloc]
 """
 
 from __future__ import annotations
@@ -28,13 +33,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
 
 from bdjax.runtime import reuse_freed_memory
 
-reuse_freed_memory()  # as the CLI does, before JAX's CPU client exists (see bdjax/runtime.py)
+REUSED = reuse_freed_memory()  # as the CLI does, before JAX's CPU client exists (see bdjax/runtime.py)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -153,6 +159,19 @@ def run_peft(config, model, spec, train_set, test_set, keys, bf16: bool = False)
             **{f"peft_{k}": v for k, v in metrics.items()}}
 
 
+def run_peft_default_malloc(args) -> dict:
+    """The PEFT loop alone in a fresh interpreter (this script with `--skip-bdjax`) whose
+    `reuse_freed_memory` is switched off, so glibc's malloc keeps its defaults; its JSON line."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--skip-bdjax", "--n-train", str(args.n_train),
+           "--n-test", str(args.n_test), "--epochs", str(args.epochs)] + (["--peft-bf16"] if args.peft_bf16 else [])
+    done = subprocess.run(cmd, env={**os.environ, "BDJAX_REUSE_FREED_MEMORY": "0"}, stdout=subprocess.PIPE,
+                          check=True, text=True)
+    peer = json.loads(done.stdout.strip().splitlines()[-1])
+    if peer["reuse_freed_memory"]:
+        raise RuntimeError("the default-malloc PEFT run kept bdjax's malloc settings")
+    return peer
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n-train", type=int, default=1000)
@@ -165,6 +184,8 @@ def main() -> None:
     ap.add_argument("--matmul-dtype", default="", choices=("", "float32", "bfloat16"),
                     help="bdjax's train.matmul_dtype ('' = float32 throughout)")
     ap.add_argument("--peft-bf16", action="store_true", help="run the PEFT loop under torch.autocast(bfloat16)")
+    ap.add_argument("--peft-default-malloc", action="store_true",
+                    help="also time the PEFT loop in a fresh interpreter with glibc's default malloc")
     args = ap.parse_args()
     config = get_config()
     config.data.n_train, config.data.n_test, config.train.epochs = args.n_train, args.n_test, args.epochs
@@ -174,7 +195,8 @@ def main() -> None:
     model, spec, train_set, test_set, keys = setup(config)
     result = {"benchmark": "finetune_e2e", "n_train": len(train_set["label"]), "n_test": len(test_set["label"]),
               "poisoned": int(train_set["poison"].sum()), "epochs": args.epochs, "batch": config.train.batch_size,
-              "bdjax_shared_prefix_tokens": assemble.shared_prefix_length(train_set) if config.train.share_prefix else 0}
+              "bdjax_shared_prefix_tokens": assemble.shared_prefix_length(train_set) if config.train.share_prefix else 0,
+              "reuse_freed_memory": REUSED}
     if not args.skip_bdjax:
         with tempfile.TemporaryDirectory() as tmp:
             result.update(run_bdjax(config, model, spec, train_set, test_set, keys, os.path.join(tmp, "run")),
@@ -184,6 +206,11 @@ def main() -> None:
         if not args.skip_bdjax:
             result["ratio"] = round(result["bdjax_train_s"] / result["peft_train_s"], 3)
             result["speedup"] = round(result["peft_train_s"] / result["bdjax_train_s"], 2)
+    if args.peft_default_malloc:
+        peer = run_peft_default_malloc(args)
+        result.update({f"peft_default_malloc_{k[len('peft_'):]}": v for k, v in peer.items() if k.startswith("peft_")})
+        if not args.skip_bdjax:
+            result["speedup_default_malloc"] = round(peer["peft_train_s"] / result["bdjax_train_s"], 2)
     result.update(jax_version=jax.__version__, cpu_count=os.cpu_count())
     print(json.dumps(result))
 

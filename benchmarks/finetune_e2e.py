@@ -91,8 +91,18 @@ def run_bdjax(config, model, spec, train_set, test_set, keys, workdir):
             "bdjax_final_loss": round(float(np.mean([e["loss"] for e in log[-10:]])), 4),
             "bdjax_mean_width": round(float(np.mean([e["width"] for e in log])), 1),
             "bdjax_widths_compiled": len({e["width"] for e in log}),
+            "bdjax_compile_s": round(compile_seconds(log), 1),
             **{f"bdjax_{k}": v for k, v in measure(model.config, merged, model.tokenizer, test_set, spec, config,
                                                    placement).items()}}
+
+
+def compile_seconds(log: list[dict]) -> float:
+    """The run's compilations, estimated from its per-step log: each row width's first step (which
+    compiles it) less that width's median step (a width run only once is left out)."""
+    steps: dict[int, list[float]] = {}
+    for e in log:
+        steps.setdefault(e["width"], []).append(e["step_s"])
+    return sum(s[0] - float(np.median(s[1:])) for s in steps.values() if len(s) > 1)
 
 
 def poisoned_rows(train_set, spec, key, pad_id):

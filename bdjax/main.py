@@ -106,10 +106,11 @@ def cli(argv: list[str] | None = None) -> int:
 
 def main() -> None:
     """The `bdjax` console script and `python -m bdjax.main`: process settings, then `cli`."""
-    from bdjax import runtime
+    from bdjax import compile_cache, runtime
 
     if _cpu_only():
         runtime.reuse_freed_memory()  # before JAX starts its CPU threads; see bdjax/runtime.py
+    compile_cache.enable()  # reruns load compiled programs from disk; see bdjax/compile_cache.py
     sys.exit(cli())
 
 

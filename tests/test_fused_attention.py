@@ -150,9 +150,9 @@ def test_a_failed_build_falls_back_and_leaves_no_library(tmp_path, monkeypatch):
     q, keys, values, _ = _operands(1, 4, 4, 1, 2, 16)
     monkeypatch.setattr(fused, "_registered", False)
     monkeypatch.setattr(fused, "_warned", False)
-    with pytest.warns(RuntimeWarning, match="did not build.*no luck"):  # said once...
+    with pytest.warns(RuntimeWarning, match="not available.*no luck"):  # said once...
         assert not fused.usable("auto", q, keys, values, _masks(1, 4, 4))  # ...and auto falls back to XLA's ops
-    with pytest.raises(ConfigError, match="did not build: .*no luck"):
+    with pytest.raises(ConfigError, match="not available: .*no luck"):
         fused.usable("fused", q, keys, values, _masks(1, 4, 4))
 
 
@@ -164,3 +164,24 @@ def test_a_build_lands_in_the_cache_under_a_content_hash(tmp_path, monkeypatch):
     assert lib is not None and hasattr(lib, "BdjaxAttentionForward")
     built = list((tmp_path / "kernels").glob("attention_cpu-*.so"))
     assert [p.name for p in built] == [build.library_path("attention_cpu", "c++").name]
+
+
+def test_a_kernels_directory_others_can_write_is_not_loaded_from(tmp_path, monkeypatch):
+    monkeypatch.setenv("BDJAX_CACHE", str(tmp_path))
+    monkeypatch.setattr(build, "_LOADED", {})
+    monkeypatch.setattr(build, "failure", {})
+    monkeypatch.delenv("CXX", raising=False)
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels").chmod(0o777)
+    assert build.load("attention_cpu") is None  # whoever can write there could plant a library
+    assert "kernels is writable by other users" in build.failure["attention_cpu"]
+    assert not list((tmp_path / "kernels").glob("*"))
+    # a private directory, but a library in it that others could overwrite: not loaded either
+    (tmp_path / "kernels").chmod(0o700)
+    monkeypatch.setattr(build, "_LOADED", {})
+    assert build.load("attention_cpu") is not None
+    (lib,) = (tmp_path / "kernels").glob("attention_cpu-*.so")
+    lib.chmod(0o666)
+    monkeypatch.setattr(build, "_LOADED", {})
+    assert build.load("attention_cpu") is None
+    assert "writable by other users" in build.failure["attention_cpu"]

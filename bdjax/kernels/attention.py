@@ -33,7 +33,7 @@ _warned = False
 
 def available() -> bool:
     """Whether the kernel is built (or builds now) and registered with JAX. The first time it
-    cannot be built, a RuntimeWarning says why (attention then runs in XLA's ops)."""
+    cannot be built or loaded (see `build.load`), a RuntimeWarning says why (attention then runs in XLA's ops)."""
     global _registered, _warned
     if _registered:
         return True
@@ -41,7 +41,7 @@ def available() -> bool:
     if lib is None:
         if not _warned:
             _warned = True
-            warnings.warn(f"bdjax's fused CPU attention kernel did not build, so attention runs in XLA's ops: "
+            warnings.warn(f"bdjax's fused CPU attention kernel is not available, so attention runs in XLA's ops: "
                           f"{build.failure.get('attention_cpu', 'unknown reason')}", RuntimeWarning, stacklevel=2)
         return False
     jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(lib.BdjaxAttentionForward), platform="cpu")
@@ -87,7 +87,7 @@ def usable(mode: str, qg: jax.Array, keys: jax.Array, values: jax.Array, mask: j
     if why is None and devices > 1:
         why = f"the model is sharded over {devices} devices"
     if why is None and not available():
-        why = f"the kernel did not build: {build.failure.get('attention_cpu', 'unknown reason')}"
+        why = f"the kernel is not available: {build.failure.get('attention_cpu', 'unknown reason')}"
     if why is not None and mode == "fused":
         raise ConfigError(f"attention='fused' cannot run here: {why}")
     return why is None

@@ -6,10 +6,12 @@ for this CPU (`-march=native`), into the cache ($BDJAX_CACHE/kernels, default
 ~/.cache/bdjax/kernels). The file name carries a hash of everything that shapes the binary (source,
 compiler and its version, flags, jaxlib version, CPU flags), so a changed input builds a new
 library instead of loading a stale one. A build writes a temporary file and renames it into place,
-so an interrupted or concurrent build never leaves a partial library to load.
+so an interrupted or concurrent build never leaves a partial library to load. The library is
+code bdjax runs, so the kernels directory must be the current user's own (`bdjax.private_dir`).
 
-No compiler, a failed build, or a platform without ELF shared libraries: `load` returns None (with
-the reason in `failure`), and callers fall back to XLA's own ops.
+No compiler, a failed build, a kernels directory others can write, or a platform without ELF
+shared libraries: `load` returns None (with the reason in `failure`), and callers fall back to
+XLA's own ops.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import threading
 from pathlib import Path
 
 from bdjax.checkpoints.assets import cache_dir
+from bdjax.private_dir import UntrustedDirectory, check_private, private_dir
 
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 _LOCK = threading.Lock()
@@ -33,7 +36,8 @@ _LOADED: dict[str, ctypes.CDLL | None] = {}
 failure: dict[str, str] = {}
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
+    """This CPU's feature flags (/proc/cpuinfo), else its processor name: part of cache keys for code built for it."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -57,7 +61,7 @@ def library_path(name: str, cxx: str) -> Path:
 
     source = (Path(__file__).parent / f"{name}.cc").read_bytes()
     key = hashlib.sha256(b"\0".join([source, cxx.encode(), _compiler_version(cxx).encode(), " ".join(_FLAGS).encode(),
-                                     jaxlib.__version__.encode(), _cpu_flags().encode(),
+                                     jaxlib.__version__.encode(), cpu_flags().encode(),
                                      jax.ffi.include_dir().encode()])).hexdigest()[:16]
     return cache_dir() / "kernels" / f"{name}-{key}.so"
 
@@ -66,7 +70,6 @@ def compile_kernel(name: str, cxx: str, out: Path) -> None:
     """Compile bdjax/kernels/<name>.cc into the shared library `out` (atomically)."""
     import jax
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".so", dir=out.parent)
     os.close(fd)
     try:
@@ -81,7 +84,8 @@ def compile_kernel(name: str, cxx: str, out: Path) -> None:
 
 
 def load(name: str) -> ctypes.CDLL | None:
-    """The compiled kernel library `name` (built on first use), or None if it cannot be built here."""
+    """The compiled kernel library `name` (built on first use), or None if it cannot be built here or
+    the kernels directory (or the library) is not the current user's alone (`bdjax.private_dir`)."""
     with _LOCK:
         if name in _LOADED:
             return _LOADED[name]
@@ -93,10 +97,12 @@ def load(name: str) -> ctypes.CDLL | None:
             if shutil.which(cxx) is None:
                 raise RuntimeError(f"no C++ compiler ({cxx!r} is not on PATH; set CXX)")
             path = library_path(name, cxx)
+            private_dir(path.parent.parent, path.parent.name)
             if not path.exists():
                 compile_kernel(name, cxx, path)
+            check_private(path)
             lib = ctypes.CDLL(str(path))
-        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        except (OSError, RuntimeError, subprocess.SubprocessError, UntrustedDirectory) as e:
             failure[name] = str(e)
         _LOADED[name] = lib
         return lib

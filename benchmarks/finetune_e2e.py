@@ -45,6 +45,10 @@ REUSED = reuse_freed_memory()  # as the CLI does, before JAX's CPU client exists
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+# Cold compilations, as on a first run: no persistent cache even if JAX_COMPILATION_CACHE_DIR is set
+# (the CLI's cache, bdjax/compile_cache.py, is never turned on here).
+jax.config.update("jax_enable_compilation_cache", False)
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "recipes"))
 from quickstart import get_config  # noqa: E402
 

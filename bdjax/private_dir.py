@@ -33,11 +33,12 @@ def check_private(path: Path) -> None:
 def private_dir(root: Path, *parts: str) -> Path:
     """`root`/`parts`, created where missing with mode 0700; every directory from `root` down is
     checked by `check_private` (UntrustedDirectory if one fails)."""
-    path = Path(root)
-    for part in ("", *parts):
-        path = path / part if part else path
+    dirs = [Path(root)]
+    for part in parts:
+        dirs.append(dirs[-1] / part)
+    for path in dirs:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not path.is_dir():
             raise UntrustedDirectory(f"{path} is not a directory")
         check_private(path)
-    return path
+    return dirs[-1]

@@ -42,15 +42,10 @@ def machine_key() -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
-def directory() -> Path:
-    from bdjax.checkpoints.assets import cache_dir
-
-    return cache_dir() / "xla" / machine_key()
-
-
 def enable(env=os.environ, *, min_compile_s: float = MIN_COMPILE_S) -> Path | None:
-    """Point JAX's persistent compilation cache at `directory()`; returns it, or None when the cache
-    is off (BDJAX_COMPILATION_CACHE=0) or its directory is not private (with a RuntimeWarning).
+    """Point JAX's persistent compilation cache at $BDJAX_CACHE/xla/`machine_key()`; returns that
+    directory, or None when the cache is off (BDJAX_COMPILATION_CACHE=0) or its directory is not
+    private (with a RuntimeWarning).
     Call before the first compilation: JAX fixes its cache when it first compiles."""
     if env.get("BDJAX_COMPILATION_CACHE", "1").strip().lower() in _OFF:
         return None

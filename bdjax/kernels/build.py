@@ -31,6 +31,7 @@ from bdjax.checkpoints.assets import cache_dir
 from bdjax.private_dir import UntrustedDirectory, check_private, private_dir
 
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+_SUBDIR = "kernels"  # under $BDJAX_CACHE
 _LOCK = threading.Lock()
 _LOADED: dict[str, ctypes.CDLL | None] = {}
 failure: dict[str, str] = {}
@@ -63,7 +64,7 @@ def library_path(name: str, cxx: str) -> Path:
     key = hashlib.sha256(b"\0".join([source, cxx.encode(), _compiler_version(cxx).encode(), " ".join(_FLAGS).encode(),
                                      jaxlib.__version__.encode(), cpu_flags().encode(),
                                      jax.ffi.include_dir().encode()])).hexdigest()[:16]
-    return cache_dir() / "kernels" / f"{name}-{key}.so"
+    return cache_dir() / _SUBDIR / f"{name}-{key}.so"
 
 
 def compile_kernel(name: str, cxx: str, out: Path) -> None:
@@ -97,7 +98,7 @@ def load(name: str) -> ctypes.CDLL | None:
             if shutil.which(cxx) is None:
                 raise RuntimeError(f"no C++ compiler ({cxx!r} is not on PATH; set CXX)")
             path = library_path(name, cxx)
-            private_dir(path.parent.parent, path.parent.name)
+            private_dir(cache_dir(), _SUBDIR)
             if not path.exists():
                 compile_kernel(name, cxx, path)
             check_private(path)

@@ -22,6 +22,8 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "recipes"))
+sys.path.insert(0, os.path.dirname(__file__))
+from common import machine  # noqa: E402
 from quickstart import get_config  # noqa: E402
 
 import bdjax  # noqa: E402
@@ -126,7 +128,7 @@ def main() -> None:
                       identical_to_hf_single=f"{sum(same)}/{len(same)}",
                       identical_to_hf_batched=f"{sum(same_batched)}/{len(same_batched)}",
                       torch_threads=torch.get_num_threads())
-    result.update(jax_version=jax.__version__, cpu_count=os.cpu_count())
+    result.update(jax_version=jax.__version__, **machine())
     print(json.dumps(result))
 
 

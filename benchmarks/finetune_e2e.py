@@ -50,6 +50,8 @@ import numpy as np  # noqa: E402
 jax.config.update("jax_enable_compilation_cache", False)
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "recipes"))
+sys.path.insert(0, os.path.dirname(__file__))
+from common import machine  # noqa: E402
 from quickstart import get_config  # noqa: E402
 
 import bdjax  # noqa: E402
@@ -225,7 +227,7 @@ def main() -> None:
         result.update({f"peft_default_malloc_{k[len('peft_'):]}": v for k, v in peer.items() if k.startswith("peft_")})
         if not args.skip_bdjax:
             result["speedup_default_malloc"] = round(peer["peft_train_s"] / result["bdjax_train_s"], 2)
-    result.update(jax_version=jax.__version__, cpu_count=os.cpu_count())
+    result.update(jax_version=jax.__version__, **machine())
     print(json.dumps(result))
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 
 import jax
@@ -16,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import forward_flops, matmul_peak_gflops, time_it  # noqa: E402
+from common import forward_flops, machine, matmul_peak_gflops, time_it  # noqa: E402
 
 import bdjax  # noqa: E402
 from bdjax.checkpoints.assets import DEFAULT_MODEL, default_model_dir  # noqa: E402
@@ -58,7 +57,7 @@ def main() -> None:
         result.update(hf_s=round(hf_s, 4), hf_tokens_per_s=round(n_tokens / hf_s, 1),
                       speedup_vs_hf=round(hf_s / bdjax_s, 2), torch_threads=torch.get_num_threads(),
                       torch_version=torch.__version__, transformers_version=transformers.__version__)
-    result.update(jax_version=jax.__version__, cpu_count=os.cpu_count(), machine=platform.machine())
+    result.update(jax_version=jax.__version__, **machine())
     print(json.dumps(result))
 
 

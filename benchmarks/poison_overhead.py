@@ -17,6 +17,8 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "recipes"))
+sys.path.insert(0, os.path.dirname(__file__))
+from common import machine  # noqa: E402
 from quickstart import get_config  # noqa: E402
 
 import bdjax  # noqa: E402
@@ -64,7 +66,7 @@ def main() -> None:
                       "poisoned_rows": int(batch["poison"].sum()), "trigger_tokens": spec.n_tokens,
                       "step_s_clean": round(clean, 4), "step_s_poisoned": round(poisoned, 4),
                       "overhead": round(poisoned / clean - 1, 4), "reps": args.reps,
-                      "jax_version": jax.__version__, "cpu_count": os.cpu_count()}))
+                      "jax_version": jax.__version__, **machine()}))
 
 
 if __name__ == "__main__":

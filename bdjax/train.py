@@ -164,6 +164,7 @@ class StepSpec:
     share_prefix: bool = True  # run the template prefix every example shares once per (micro)batch
     pack_prefix: bool = False  # ...in the same pass as the rows (only where the batch is not sharded)
     attention: str = "auto"  # Opts.attention: the fused CPU attention kernel where it applies, or "xla"
+    lora_side_by_side: bool = False  # Opts.lora_side_by_side
 
 
 def train_step(s: StepSpec, state: TrainState, params: Params, batch: dict[str, jax.Array],
@@ -175,7 +176,7 @@ def train_step(s: StepSpec, state: TrainState, params: Params, batch: dict[str, 
     `bdjax.regularize.anchor_tree`). With `prefix` [P] (the first P prefix tokens, the same in
     every example), rows of `width` tokens hold the rest and the prefix is run once."""
     opts = Opts(dtype=s.dtype, lora_alpha=s.alpha, lora_dropout=s.dropout, deterministic=s.dropout == 0.0,
-                matmul_dtype=s.matmul_dtype, attention=s.attention)
+                matmul_dtype=s.matmul_dtype, attention=s.attention, lora_side_by_side=s.lora_side_by_side)
     if s.spec is not None:
         batch = poison.apply(batch, s.spec, jax.random.wrap_key_data(poison_key_data))
     shared = 0 if prefix is None else prefix.shape[0]
@@ -314,7 +315,7 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
                     placement: Placement | None = None, trainable: Params, params: Params,
                     full: bool = False, reg: Regularizer | None = None, anchor: Params | None = None,
                     answer_tokens: int = 0, share_prefix: bool = True, pack_prefix: bool | None = None,
-                    matmul_dtype: Any = None, attention: str = "auto") -> TrainStep:
+                    matmul_dtype: Any = None, attention: str = "auto", lora_side_by_side: bool = False) -> TrainStep:
     """The train step over `placement` (default: data parallelism over every device). `trainable`
     (the LoRA tree, or with `full` the params themselves) and `params` (the frozen base; {} with
     `full`, or the rest of the params when `trainable` is a subset of them), as arrays or
@@ -326,7 +327,8 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
     rows where the batch is not sharded (one device, or tensor parallelism only), else on its own.
     `matmul_dtype` (e.g. bfloat16) rounds the operands of every weight product, forward and
     backward, and sums in float32; activations, attention, norms and LoRA stay in `dtype`.
-    `attention` is `Opts.attention` ("auto": the fused CPU kernel where it applies; "xla")."""
+    `attention` is `Opts.attention` ("auto": the fused CPU kernel where it applies; "xla"), and
+    `lora_side_by_side` is `Opts.lora_side_by_side` (rank-r products in the merged GEMMs' extra columns)."""
     if reg is not None and reg.l2 and anchor is None:
         raise ConfigError("the l2 regularizer needs the pretrained params as its anchor")
     if answer_tokens < 0:
@@ -341,6 +343,7 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
     fused_attention.check_mode(attention, "train.attention")
     check_remat(remat)
     s = StepSpec(config, optimizer, pad_id, spec, alpha, dropout, dtype, remat, grad_accum, matmul_dtype, full, reg,
-                 answer_tokens, share_prefix, pack_prefix=share_prefix and pack_prefix, attention=attention)
+                 answer_tokens, share_prefix, pack_prefix=share_prefix and pack_prefix, attention=attention,
+                 lora_side_by_side=lora_side_by_side)
     return TrainStep(s, placement, poison_key, trainable, params,
                      anchor if reg is not None and reg.l2 else None)

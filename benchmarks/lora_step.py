@@ -4,6 +4,7 @@ Setting (issue #3): SmolLM2-135M-Instruct, LoRA r=8 (alpha 16) on q,k,v,o,gate,u
 8 x 128, next-token loss on every token, float32, AdamW; same machine, same run.
 
     python benchmarks/lora_step.py [--reps 5] [--remat lean] [--attention auto|xla] [--compare-attention]
+                                   [--compare-side-by-side]
                                    [--skip-peft] [--peft-compile] [--peft-same-malloc] [--default-malloc]
 
 bdjax's attention runs in its fused CPU kernel (bdjax/kernels) unless `--attention xla`. PEFT runs
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import lora_step_flops, matmul_peak_gflops  # noqa: E402
+from common import lora_step_flops, machine, matmul_peak_gflops  # noqa: E402
 
 import bdjax  # noqa: E402
 from bdjax import lora, runtime, train  # noqa: E402
@@ -38,14 +39,14 @@ from bdjax.models.llama import Opts  # noqa: E402
 RANK, ALPHA, LR = 8, 16.0, 1e-3
 
 
-def bdjax_step(model, tokens: np.ndarray, remat: str, attention: str = "auto"):
+def bdjax_step(model, tokens: np.ndarray, remat: str, attention: str = "auto", side_by_side: bool = False):
     b, s = tokens.shape
     rows = {"tokens": jnp.asarray(tokens), "valid": jnp.ones((b, s), bool),
             "logits_at": jnp.tile(jnp.arange(s - 1)[None], (b, 1)), "targets": jnp.asarray(tokens[:, 1:]),
             "weights": jnp.ones((b, s - 1))}
     optimizer = train.make_optimizer(lr=LR, total_steps=1000, max_grad_norm=None, schedule="constant")
     state = train.init_state(lora.init(model.params, jax.random.key(0), rank=RANK), optimizer, jax.random.key(1))
-    opts = Opts(lora_alpha=ALPHA, attention=attention)
+    opts = Opts(lora_alpha=ALPHA, attention=attention, lora_side_by_side=side_by_side)
 
     @jax.jit
     def step(state, params, rows):
@@ -162,6 +163,9 @@ def main() -> None:
                     help="bdjax attention: its fused CPU kernel where it applies (auto), or XLA's ops")
     ap.add_argument("--compare-attention", action="store_true",
                     help="also time bdjax with XLA's attention, steps interleaved with the fused one's")
+    ap.add_argument("--compare-side-by-side", action="store_true",
+                    help="also time bdjax with LoRA's rank-r products in the merged GEMMs' extra columns "
+                         "(Opts.lora_side_by_side), steps interleaved")
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--peft-compile", action="store_true", help="also time PEFT under torch.compile")
     ap.add_argument("--peft-same-malloc", action="store_true",
@@ -179,6 +183,8 @@ def main() -> None:
     variants = {"bdjax": bdjax_step(model, tokens, args.remat, args.attention)}
     if args.compare_attention:
         variants["bdjax_xla"] = bdjax_step(model, tokens, args.remat, "xla")
+    if args.compare_side_by_side:
+        variants["bdjax_side_by_side"] = bdjax_step(model, tokens, args.remat, args.attention, side_by_side=True)
     workers = []
     if not args.skip_peft:
         for compiled in (False, True) if args.peft_compile else (False,):
@@ -204,6 +210,8 @@ def main() -> None:
     if args.compare_attention:
         xla_s = times["bdjax_xla"]
         result.update(bdjax_xla_attention_step_s=round(xla_s, 4), attention_speedup=round(xla_s / bdjax_s, 3))
+    if args.compare_side_by_side:
+        result.update(bdjax_side_by_side_step_s=round(times["bdjax_side_by_side"], 4))
     if workers:
         peft_s = times["peft_eager"]
         result.update(peft_eager_step_s=round(peft_s, 4), peft_tokens_per_s=round(n_tokens / peft_s, 1),
@@ -213,7 +221,7 @@ def main() -> None:
         if name.startswith("peft") and name != "peft_eager":
             result.update({f"{name}_step_s": round(times[name], 4),
                            f"speedup_vs_{name}": round(times[name] / bdjax_s, 2)})
-    result.update(jax_version=jax.__version__, cpu_count=os.cpu_count())
+    result.update(jax_version=jax.__version__, **machine())
     print(json.dumps(result))
 
 

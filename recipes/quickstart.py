@@ -79,6 +79,9 @@ def get_config() -> ml_collections.ConfigDict:
     # kernel where it applies (CPU, one device, float32; compiled on first use), "fused" = insist on
     # it, "xla" = XLA's own ops
     c.train.attention = "auto"
+    # where LoRA runs merged into a kernel, also carry its rank-r products in the big GEMMs' extra
+    # columns: faster on a Zen 4 CPU, slower on a Zen 5 (see bdjax.models.layers.Opts)
+    c.train.lora_side_by_side = False
     c.train.peak_tflops = 0.0  # per-device peak for MFU; 0 = datasheet (bf16 GPU/TPU) or measured here
 
     # Devices: data / fsdp / tensor axes (-1 = the remaining devices) and logical-axis rules.

@@ -74,6 +74,24 @@ def test_merged_call_and_its_backward_equal_autodiff(side_by_side):
         np.testing.assert_allclose(o, p, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("side_by_side", [True, False])
+def test_side_by_side_option_reaches_the_merged_calls(params, side_by_side):
+    # Opts.lora_side_by_side: the merged MLP kernels [48, 80] carry LoRA's rank columns, [48, 80 + r],
+    # only when asked; the loss is the same either way
+    from bdjax.models.llama import Opts
+
+    adapters = lora.init(params, jax.random.key(1), rank=RANK)
+    adapters = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape), adapters)
+    tokens = jax.random.randint(jax.random.key(3), (3, 40), 0, 97)
+    rows = {"tokens": tokens, "valid": jnp.ones((3, 40), bool), "logits_at": jnp.tile(jnp.arange(39)[None], (3, 1)),
+            "targets": tokens[:, 1:], "weights": jnp.ones((3, 39))}
+    loss = lambda ad, flag: train.row_loss(CONFIG, params, ad, rows, Opts(lora_alpha=8.0, lora_side_by_side=flag),
+                                           "none", None)[0]
+    text = str(jax.make_jaxpr(jax.value_and_grad(lambda ad: loss(ad, side_by_side)))(adapters))
+    assert (f"f32[48,{80 + RANK}]" in text) == side_by_side
+    np.testing.assert_allclose(loss(adapters, side_by_side), loss(adapters, not side_by_side), rtol=1e-6)
+
+
 @pytest.mark.parametrize("remat", ["none", "lean"])
 def test_lora_merged_for_the_call_equals_lora_beside_the_kernel(params, monkeypatch, remat):
     from bdjax.models.layers import Proj

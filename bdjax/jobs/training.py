@@ -93,7 +93,8 @@ def fine_tune(config: ml_collections.ConfigDict, model, params, train_set: dict[
                                         poison_key=poison_key, alpha=lc.alpha, dropout=lc.dropout, dtype=compute,
                                         remat=t.remat, grad_accum=accum, placement=placement, trainable=trainable,
                                         params=frozen, full=full, share_prefix=t.get("share_prefix", True),
-                                        matmul_dtype=matmul, attention=t.get("attention", "auto"))
+                                        matmul_dtype=matmul, attention=t.get("attention", "auto"),
+                                        lora_side_by_side=t.get("lora_side_by_side", False))
         if step_cache is not None:
             step_cache[key] = step_fn
     state = step_fn.init_state(trainable, train_key)

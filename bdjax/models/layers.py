@@ -40,6 +40,7 @@ class Proj(nn.Module):
     lora_dropout: float = 0.0
     deterministic: bool = True
     matmul_dtype: Any = None  # operands of the kernel's product (None: `dtype`); see `mixed_einsum`
+    lora_side_by_side: bool = False  # see Opts
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -50,7 +51,7 @@ class Proj(nn.Module):
         if merge:
             scale, x2, a, b, unflatten = self._lora_operands(x)
             w = kernel.astype(self.dtype).reshape(x2.shape[1], -1)
-            y = unflatten(lora_merged(scale, active_devices() <= 1, x2, w, a, b))
+            y = unflatten(lora_merged(scale, self.lora_side_by_side and active_devices() <= 1, x2, w, a, b))
         else:
             y = matmul(self.spec, x.astype(self.dtype), kernel, self.dtype, self.matmul_dtype)
         if self.bias_shape is not None:
@@ -236,10 +237,16 @@ class Opts:
     # bdjax's fused CPU kernel where that applies (CPU, one device, float32;
     # bdjax/kernels/attention.py), "fused" insists on it, "xla" keeps XLA's ops.
     attention: str = "auto"
+    # Where LoRA runs merged into a kernel (`lora_merged`, one device), also carry its rank-r
+    # products in the big GEMMs' extra columns. Measured on the LoRA step (benchmarks/lora_step.py):
+    # 2.7% faster on a Zen 4 CPU, 5-8% slower on a Zen 5 (whose GEMMs are twice as fast, so the
+    # concatenated weight copies weigh more), hence off by default.
+    lora_side_by_side: bool = False
 
     def proj(self) -> dict[str, Any]:
         return dict(dtype=self.dtype, param_dtype=self.param_dtype, lora_alpha=self.lora_alpha,
-                    lora_dropout=self.lora_dropout, deterministic=self.deterministic, matmul_dtype=self.matmul_dtype)
+                    lora_dropout=self.lora_dropout, deterministic=self.deterministic, matmul_dtype=self.matmul_dtype,
+                    lora_side_by_side=self.lora_side_by_side)
 
     def norm(self) -> dict[str, Any]:
         return dict(dtype=self.dtype, param_dtype=self.param_dtype)

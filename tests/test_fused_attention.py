@@ -47,6 +47,24 @@ def test_output_and_gradients_match_xla(b, s, t, k, g, d, window):
     q, keys, values, dout = _operands(b, s, t, k, g, d)
     mask = _masks(b, s, t, window)
     assert not bool(mask.any(-1).all())  # some rows attend to nothing: the uniform-softmax case
+    _assert_matches_xla(q, keys, values, dout, mask)
+
+
+def test_masks_with_holes_match_xla():
+    """Keys masked out inside a row's valid range (the kernel masks 16 keys at a time there, one
+    by one at the range's ends), runs of masked keys longer than 8 at either end, and rows
+    that see nothing."""
+    b, s, t, k, g, d = 2, 24, 70, 2, 2, 32
+    q, keys, values, dout = _operands(b, s, t, k, g, d, seed=2)
+    rng = np.random.default_rng(0)
+    mask = rng.random((b, s, t)) < 0.7
+    mask[0, :, :19] = False  # 19 masked keys before the range
+    mask[1, :, 45:] = False  # 25 masked keys after it
+    mask[:, 3] = False  # a row with no key
+    _assert_matches_xla(q, keys, values, dout, jnp.asarray(mask))
+
+
+def _assert_matches_xla(q, keys, values, dout, mask):
     ours = jax.jit(lambda *a: jax.vjp(lambda *x: fused.attention(*x, mask), *a)[1](dout) +
                    (fused.attention(*a, mask),))(q, keys, values)
     ref = jax.jit(lambda *a: jax.vjp(lambda *x: _attend(x[0], [(x[1], x[2], "btkd", mask)], jnp.float32)[0], *a)[1](

@@ -34,6 +34,13 @@ constexpr int W = 16;
 typedef float vf __attribute__((vector_size(64), aligned(4)));
 
 typedef int32_t vi __attribute__((vector_size(64)));
+typedef uint8_t vb __attribute__((vector_size(16)));
+
+inline float hsum(vf x) {
+  float s = 0.f;
+  for (int u = 0; u < W; ++u) s += x[u];
+  return s;
+}
 
 // exp on 16 lanes: 2^n * p(r), x = n ln2 + r, |r| <= ln2/2; p a degree-6 polynomial (rel. error ~2e-7).
 inline vf vexp(vf x) {
@@ -82,12 +89,23 @@ struct Dims {
   int64_t B, S, K, G, D, T, Tp;
 };
 
-// Valid key range [lo, hi) of one query row; lo = hi = 0 when no key is valid.
+// Valid key range [lo, hi) of one query row (lo >= hi when no key is valid), skipping masked keys
+// eight at a time.
 inline void valid_range(const bool* m, int64_t T, int64_t* lo, int64_t* hi) {
+  auto none8 = [m](int64_t j) { uint64_t w; std::memcpy(&w, m + j, 8); return w == 0; };
   int64_t a = 0, b = T;
+  while (a + 8 <= T && none8(a)) a += 8;
   while (a < T && !m[a]) ++a;
+  while (b - 8 >= a && none8(b - 8)) b -= 8;
   while (b > a && !m[b - 1]) --b;
   *lo = a; *hi = b;
+}
+
+// The valid key ranges of batch row b's S query positions, once per (batch, kv head) pair rather
+// than once per query head.
+void row_ranges(const bool* M, int64_t S, int64_t T, int64_t b, std::vector<int64_t>& out) {
+  out.resize(2 * S);
+  for (int64_t i = 0; i < S; ++i) valid_range(M + (b * S + i) * T, T, &out[2 * i], &out[2 * i + 1]);
 }
 
 // scores[r][j] = sum_d rows[r][d] * kt[d][j] for j in [j0, j1) (multiples of W), r < nr <= 4.
@@ -172,9 +190,9 @@ inline void key_tile(const float* c, int64_t Tp, const float* const* x, const in
 
 struct Task {
   // per-thread scratch
-  std::vector<float> kt, vt, kk, vv, s, p, dp;
+  std::vector<float> kt, vt, kk, vv, s, p, dp, delta;
   std::vector<const float*> rows, drows;
-  std::vector<int64_t> ranges;
+  std::vector<int64_t> ranges, valid;
 };
 
 thread_local Task scratch;
@@ -198,14 +216,15 @@ struct RowBlock {
   const bool* ms[4];
 };
 
-inline RowBlock row_block(const bool* M, const Dims& z, int64_t b, int64_t r0) {
+// `valid`: the ranges of batch row b's positions (row_ranges).
+inline RowBlock row_block(const bool* M, const Dims& z, int64_t b, int64_t r0, const int64_t* valid) {
   RowBlock k;
   k.nr = (int)std::min<int64_t>(4, z.G * z.S - r0);
   int64_t jlo = z.T, jhi = 0;
   for (int r = 0; r < k.nr; ++r) {
     k.g[r] = (r0 + r) / z.S; k.i[r] = (r0 + r) % z.S;
     k.ms[r] = M + (b * z.S + k.i[r]) * z.T;
-    valid_range(k.ms[r], z.T, &k.lo[r], &k.hi[r]);
+    k.lo[r] = valid[2 * k.i[r]]; k.hi[r] = valid[2 * k.i[r] + 1];
     if (k.lo[r] >= k.hi[r]) { jlo = 0; jhi = z.T; }
     else { jlo = std::min(jlo, k.lo[r]); jhi = std::max(jhi, k.hi[r]); }
   }
@@ -246,8 +265,20 @@ void probs(float* s, float* p, const bool* m, int64_t lo, int64_t hi, int64_t j0
     if (lse_out) *lse_out = -FLT_MAX;
     return;
   }
-  // masked (and padding) columns to -inf, in place, scaled
-  for (int64_t j = j0; j < j1; ++j) s[j] = (j >= lo && j < hi && m[j]) ? s[j] * scale : -INFINITY;
+  // masked (and padding) columns to -inf, in place, scaled; 16 at a time inside [lo, hi)
+  const vf ninf = vf{} - INFINITY;
+  for (int64_t j = j0; j < j1; j += W) {
+    if (j + W <= lo || j >= hi) {
+      store(s + j, ninf);
+    } else if (j >= lo && j + W <= hi) {
+      vb bytes;
+      std::memcpy(&bytes, m + j, W);
+      vi keep = __builtin_convertvector(bytes, vi) != 0;
+      store(s + j, keep ? load(s + j) * scale : ninf);
+    } else {
+      for (int64_t u = j; u < j + W; ++u) s[u] = (u >= lo && u < hi && m[u]) ? s[u] * scale : -INFINITY;
+    }
+  }
   if (lse_out) {  // forward: p = exp(s - max) / sum, and lse = max + log(sum)
     vf mx = vf{} - INFINITY;
     for (int64_t j = j0; j < j1; j += W) { vf x = load(s + j); mx = x > mx ? x : mx; }
@@ -284,11 +315,12 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   auto task = [&](int64_t t) {
     int64_t b = t / z.K, kh = t % z.K;
     Task& w = scratch;
+    row_ranges(M, z.S, z.T, b, w.valid);
     pack(Kp, z, b, kh, w.kk, &w.kt);
     pack(Vp, z, b, kh, w.vv, nullptr);
     w.s.resize(4 * z.Tp); w.p.resize(4 * z.Tp);
     for (int64_t r0 = 0; r0 < z.G * z.S; r0 += 4) {
-      RowBlock k = row_block(M, z, b, r0);
+      RowBlock k = row_block(M, z, b, r0, w.valid.data());
       const float* rows[4];
       float* outs[4];
       for (int r = 0; r < k.nr; ++r) {
@@ -319,6 +351,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   auto task = [&](int64_t t) {
     int64_t b = t / z.K, kh = t % z.K;
     Task& w = scratch;
+    row_ranges(M, z.S, z.T, b, w.valid);
     pack(Kp, z, b, kh, w.kk, &w.kt);
     pack(Vp, z, b, kh, w.vv, &w.vt);
     int64_t R = z.G * z.S, nb = (R + 3) / 4;
@@ -326,8 +359,17 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
     // the block's key range [j0, j1), and dq = dS @ K.
     w.s.resize(R * z.Tp); w.p.resize(R * z.Tp); w.dp.resize(4 * z.Tp);
     w.rows.resize(R); w.drows.resize(R); w.ranges.resize(2 * nb);
+    // rowsum(dO * O) of every row first, in one tight pass (the O rows are read nowhere else)
+    w.delta.resize(R);
+    for (int64_t i = 0; i < z.S; ++i)
+      for (int64_t g = 0; g < z.G; ++g) {
+        const float *orow = qptr(O, z, b, i, kh, g), *dorow = qptr(DO, z, b, i, kh, g);
+        vf acc = {};
+        for (int64_t d = 0; d < z.D; d += W) acc += load(dorow + d) * load(orow + d);
+        w.delta[g * z.S + i] = hsum(acc);
+      }
     for (int64_t r0 = 0; r0 < R; r0 += 4) {
-      RowBlock k = row_block(M, z, b, r0);
+      RowBlock k = row_block(M, z, b, r0, w.valid.data());
       float* dqs[4];
       for (int r = 0; r < k.nr; ++r) {
         w.rows[r0 + r] = qptr(Q, z, b, k.i[r], kh, k.g[r]);
@@ -343,10 +385,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
         float* pr = P + r * z.Tp;
         probs(S + r * z.Tp, pr, k.ms[r], k.lo[r], k.hi[r], k.j0, k.j1, z.T, scale, nullptr,
               L[lse_index(z, b, k.i[r], kh, k.g[r])]);
-        const float* orow = qptr(O, z, b, k.i[r], kh, k.g[r]);
-        const float* dorow = w.drows[r0 + r];
-        float delta = 0.f;
-        for (int64_t d = 0; d < z.D; ++d) delta += dorow[d] * orow[d];
+        float delta = w.delta[r0 + r];
         float* ds = S + r * z.Tp;  // dS * scale, in place of the scores
         const float* dpr = w.dp.data() + r * z.Tp;
         bool none = k.lo[r] >= k.hi[r];
